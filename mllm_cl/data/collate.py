@@ -1,0 +1,161 @@
+"""Turn samples into model inputs with the family's chat template.
+
+Training labels are the answer tokens only (assistant turns and their end-of-turn token);
+prompt, padding and image tokens are -100. We find answer tokens by tokenising the rendered
+conversation once with character offsets, then aligning with the processor's output, in which each
+image placeholder is expanded to many image tokens. Tokenising the whole text once (instead of turn
+by turn, as LLaVA's train.py does) avoids the off-by-one label shifts of per-turn tokenisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mllm_cl.errors import DataError
+from mllm_cl.families import Family
+
+IGNORE = -100
+# Keys that are stacked / concatenated per batch; everything else the processor returns is ignored.
+_CONCAT_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")
+
+
+def _collapse(ids: list[int], image_id: int) -> tuple[list[int], list[int]]:
+    """Merge runs of the image token: ([a, I, I, I, b], I) -> ([a, I, b], [1, 3, 1])."""
+    out, runs = [], []
+    for tok in ids:
+        if tok == image_id and out and out[-1] == image_id:
+            runs[-1] += 1
+        else:
+            out.append(tok)
+            runs.append(1)
+    return out, runs
+
+
+def prepare_messages(sample: dict, family: Family, for_generation: bool) -> list[dict]:
+    """Put the family's image placeholder into the text; drop the last answer for generation."""
+    messages = [dict(m) for m in sample["messages"]]
+    n_images = len(sample.get("images") or [])
+    n_marks = sum(m["content"].count("<image>") for m in messages)
+    if n_images and n_marks == 0:
+        first_user = next(m for m in messages if m["role"] == "user")
+        first_user["content"] = "<image>\n" + first_user["content"]
+        n_marks = n_images
+    if n_marks != n_images:
+        raise DataError(
+            f"sample {sample.get('id')!r}: {n_marks} <image> placeholders but {n_images} images; "
+            "give one <image> per image"
+        )
+    for m in messages:
+        m["content"] = m["content"].replace("<image>", family.image_placeholder)
+    if for_generation:
+        while messages and messages[-1]["role"] == "assistant":
+            messages.pop()
+    return messages
+
+
+@dataclass
+class Encoder:
+    """Encodes one sample (worker side) and pads a list of encodings (collate side).
+
+    Args:
+        family: the model family adapter.
+        processor: its HF processor.
+        max_length: longest token sequence kept.
+        overlength: what to do with a longer sample: "truncate" (cut text tokens from the end, never
+            inside an image), "skip" (drop it, counted) or "error".
+    """
+
+    family: Family
+    processor: object
+    max_length: int = 2048
+    overlength: str = "skip"
+
+    def _process(self, text: str, images: list) -> dict:
+        kwargs = {"text": [text], "return_tensors": "pt"}
+        if images:
+            kwargs["images"] = images
+        return dict(self.processor(**kwargs))
+
+    def encode_train(self, sample: dict) -> dict | None:
+        """input_ids / labels / pixel tensors for one sample, or None when skipped for length."""
+        rendered = self.family.render(prepare_messages(sample, self.family, for_generation=False))
+        if not rendered.targets:
+            raise DataError(f"sample {sample.get('id')!r} has no assistant answer to train on")
+        out = self._process(rendered.text, sample.get("images") or [])
+        ids = out["input_ids"][0].tolist()
+        labels = self._labels(rendered, ids)
+        if len(ids) > self.max_length:
+            if self.overlength == "error":
+                raise DataError(
+                    f"sample {sample.get('id')!r} has {len(ids)} tokens > max_length={self.max_length}; "
+                    "raise data.max_length or set data.overlength to truncate / skip"
+                )
+            image_id = self.family.image_token_id(self.processor)
+            if self.overlength == "skip" or image_id in ids[self.max_length :]:
+                return None
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+            out = {k: (v[:, : self.max_length] if k in ("attention_mask", "mm_token_type_ids") else v) for k, v in out.items()}
+        out["input_ids"] = torch.tensor([ids])
+        out["labels"] = torch.tensor([labels])
+        return out
+
+    def _labels(self, rendered, ids: list[int]) -> list[int]:
+        tok = self.processor.tokenizer
+        plain = tok(rendered.text, return_offsets_mapping=True)
+        is_target = [
+            end > start and any(s <= start and end <= e for s, e in rendered.targets)
+            for start, end in plain["offset_mapping"]
+        ]
+        image_id = self.family.image_token_id(self.processor)
+        short_x, runs = _collapse(ids, image_id)
+        short_u, _ = _collapse(plain["input_ids"], image_id)
+        if short_x != short_u:
+            raise RuntimeError("processor and tokenizer disagree on the text tokens; cannot place labels")
+        target_u = _collapse_flags(plain["input_ids"], is_target, image_id)
+        labels = []
+        for tok_id, run, target in zip(short_x, runs, target_u, strict=True):
+            labels += [tok_id if target else IGNORE] * run
+        return labels
+
+    def encode_prompt(self, sample: dict) -> dict:
+        """The prompt for generation (conversation up to the last user turn)."""
+        messages = prepare_messages(sample, self.family, for_generation=True)
+        rendered = self.family.render(messages, add_generation_prompt=True)
+        return self._process(rendered.text, sample.get("images") or [])
+
+    def collate(self, items: list[dict | None], padding_side: str = "right") -> dict:
+        """Pad token tensors to the batch's longest and concatenate image tensors."""
+        kept = [x for x in items if x is not None]
+        batch = {"skipped": torch.tensor(len(items) - len(kept))}
+        if not kept:
+            return batch
+        pad_id = self.processor.tokenizer.pad_token_id
+        longest = max(x["input_ids"].shape[1] for x in kept)
+        pads = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE, "mm_token_type_ids": 0}
+        for key, value in pads.items():
+            if key in kept[0]:
+                batch[key] = torch.cat([_pad(x[key], longest, value, padding_side) for x in kept])
+        for key in _CONCAT_KEYS:
+            parts = [x[key] for x in kept if key in x]
+            if parts:
+                batch[key] = torch.cat(parts)
+        return batch
+
+
+def _collapse_flags(ids: list[int], flags: list[bool], image_id: int) -> list[bool]:
+    out = []
+    for i, (tok, flag) in enumerate(zip(ids, flags, strict=True)):
+        if tok == image_id and i and ids[i - 1] == image_id:
+            continue
+        out.append(flag and tok != image_id)
+    return out
+
+
+def _pad(t: torch.Tensor, length: int, value: int, side: str) -> torch.Tensor:
+    extra = length - t.shape[1]
+    if extra == 0:
+        return t
+    fill = torch.full((t.shape[0], extra), value, dtype=t.dtype)
+    return torch.cat([t, fill] if side == "right" else [fill, t], dim=1)

@@ -1,0 +1,270 @@
+"""The task stream: an ordered list of tasks plus held-out eval sets checked after every task.
+
+One Lightning `fit` covers the whole stream and each *epoch is one task*: Lightning reloads the
+train dataloader every epoch and we hand it the current task's data. Keeping one `fit` matters:
+Lightning's FSDP cannot reuse a module after `fit` ends (Lightning #19015, #20255), so the model
+is wrapped once and trained through every task, and a checkpoint's epoch is the task position.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mllm_cl.data.collate import Encoder
+from mllm_cl.data.sources import Source
+from mllm_cl.errors import DataError
+
+
+@dataclass
+class Task:
+    """One skill of the stream.
+
+    Args:
+        name: short name, used in the accuracy matrix and TensorBoard tags.
+        train: where the training samples come from.
+        eval: the task's own eval set (its column in the accuracy matrix).
+        steps: optimizer steps for this task (overrides `epochs`).
+        epochs: passes over `train` when `steps` is not given.
+        metric: answer metric of the eval set (see `mllm_cl.metrics.build_metric`).
+    """
+
+    name: str
+    train: Source
+    eval: Source | None = None
+    steps: int | None = None
+    epochs: float = 1.0
+    metric: str = "exact_match"
+
+
+@dataclass
+class EvalSet:
+    """A held-out benchmark watched after every task.
+
+    Args:
+        name: column name in the accuracy matrix.
+        data: the samples.
+        metric: answer metric (see `mllm_cl.metrics.build_metric`).
+        image_domain: "id" or "ood" relative to the training images (2x2 report).
+        text_domain: "id" or "ood" relative to the training questions.
+    """
+
+    name: str
+    data: Source
+    metric: str = "exact_match"
+    image_domain: str = "id"
+    text_domain: str = "id"
+    extra: dict = field(default_factory=dict)
+
+
+class _Head(Sequence):
+    """The first `limit` samples of a table (all of them when limit is None)."""
+
+    def __init__(self, table, limit: int | None):
+        self.table, self.n = table, len(table) if limit is None else min(limit, len(table))
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.table[i]
+
+
+class _Encoded(Dataset):
+    """Encodes samples lazily, in the dataloader workers (image decoding off the main process)."""
+
+    def __init__(self, table, fn):
+        self.table, self.fn = table, fn
+
+    def __len__(self):
+        return len(self.table)
+
+    def __getitem__(self, i):
+        return self.fn(self.table[i])
+
+
+class _EvalItems(Dataset):
+    def __init__(self, table, encoder: Encoder, indices: list[int]):
+        self.table, self.encoder, self.indices = table, encoder, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        i = self.indices[k]
+        sample = self.table[abs(i) - 1]
+        item = self.encoder.encode_prompt(sample)
+        # Negative index = padding so every rank runs the same number of batches; not scored.
+        item["meta"] = {"answers": sample["answers"], "id": sample["id"], "weight": 1 if i > 0 else 0}
+        return item
+
+
+class TaskSampler(Sampler[int]):
+    """Seeded sample order for one task: reshuffled passes until `num_samples`, this rank's share.
+
+    The global order depends only on (seed, task index), so each rank takes a disjoint slice and a
+    resumed run can skip exactly the samples already seen.
+    """
+
+    def __init__(self, size: int, num_samples: int, seed: int, rank: int = 0, world: int = 1):
+        self.size, self.num_samples, self.seed, self.rank, self.world = size, num_samples, seed, rank, world
+
+    def global_order(self) -> list[int]:
+        rng, order = random.Random(self.seed), []
+        while len(order) < self.num_samples * self.world:
+            perm = list(range(self.size))
+            rng.shuffle(perm)
+            order += perm
+        return order[: self.num_samples * self.world]
+
+    def __iter__(self):
+        return iter(self.global_order()[self.rank :: self.world])
+
+    def __len__(self):
+        return self.num_samples
+
+
+class TaskStream(L.LightningDataModule):
+    """Ordered tasks plus held-out eval sets, for sequential fine-tuning in one `fit`.
+
+    Args:
+        tasks: the skills, trained in order.
+        heldout: benchmarks not trained on, evaluated before the first task and after every task.
+        batch_size: training samples per device per micro-batch.
+        eval_batch_size: prompts per generation batch.
+        num_workers: dataloader worker processes (decode and tokenise off the main process).
+        max_length: longest training sequence in tokens.
+        overlength: "skip" (counted), "truncate" or "error" for longer samples.
+        eval_limit: evaluate at most this many samples per eval set (None = all).
+        seed: seed of the sample order (combined with the task index).
+    """
+
+    def __init__(
+        self,
+        tasks: list[Task],
+        heldout: list[EvalSet] | None = None,
+        batch_size: int = 16,
+        eval_batch_size: int = 32,
+        num_workers: int = 0,
+        max_length: int = 2048,
+        overlength: str = "skip",
+        eval_limit: int | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not tasks:
+            raise DataError("data.tasks is empty; list at least one task")
+        if overlength not in ("skip", "truncate", "error"):
+            raise DataError(f"data.overlength={overlength!r}; use skip, truncate or error")
+        self.tasks, self.heldout = tasks, list(heldout or [])
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.max_length, self.overlength, self.eval_limit, self.seed = max_length, overlength, eval_limit, seed
+        self.encoder: Encoder | None = None
+        self._train: list | None = None
+        self._eval: list | None = None
+
+    # ---- set-up -----------------------------------------------------------------------------
+    def setup(self, stage: str):
+        if self._train is None:
+            self._train = [self._load(t.train, f"data.tasks[{i}].train ({t.name})") for i, t in enumerate(self.tasks)]
+            self._eval = [
+                (name, _Head(self._load(src, f"eval set {name}"), self.eval_limit), metric)
+                for name, src, metric in self.eval_specs()
+            ]
+        module = self.trainer.lightning_module
+        self.encoder = Encoder(module.family, module.processor, self.max_length, self.overlength)
+        if stage == "fit":
+            # Epoch i is task i: a fresh train loader each epoch, and the stream's end is the fit's end.
+            self.trainer.fit_loop.max_epochs = len(self.tasks)
+            self.trainer.reload_dataloaders_every_n_epochs = 1
+
+    @staticmethod
+    def _load(source: Source, where: str):
+        table = source.load()
+        if len(table) == 0:
+            raise DataError(f"{where}: {source.describe()} has no samples; fix the path or drop the task")
+        return table
+
+    def eval_specs(self) -> list[tuple[str, Source, str]]:
+        """(column name, source, metric) per column of the accuracy matrix: tasks, then held-out."""
+        specs = [(t.name, t.eval, t.metric) for t in self.tasks if t.eval is not None]
+        return specs + [(h.name, h.data, h.metric) for h in self.heldout]
+
+    @property
+    def eval_names(self) -> list[str]:
+        return [name for name, _, _ in self.eval_specs()]
+
+    def task_column(self, task_index: int) -> str | None:
+        return self.tasks[task_index].name if self.tasks[task_index].eval is not None else None
+
+    # ---- training ---------------------------------------------------------------------------
+    def steps_for(self, task_index: int) -> int:
+        """Optimizer steps of a task (what its LR schedule spans)."""
+        task = self.tasks[task_index]
+        if task.steps is not None:
+            return task.steps
+        world = self.trainer.world_size if self.trainer else 1
+        per_step = self.batch_size * world * self._accumulate()
+        return max(1, int(len(self._train[task_index]) * task.epochs) // per_step)
+
+    def _accumulate(self) -> int:
+        return self.trainer.accumulate_grad_batches if self.trainer else 1
+
+    def train_dataloader(self):
+        index = min(self.trainer.current_epoch, len(self.tasks) - 1)
+        table = self._train[index]
+        num = self.steps_for(index) * self._accumulate() * self.batch_size
+        sampler = TaskSampler(len(table), num, self.seed * 1000 + index, self.trainer.global_rank, self.trainer.world_size)
+        return DataLoader(
+            _Encoded(table, self.encoder.encode_train),
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=self.encoder.collate,
+            num_workers=self.num_workers,
+            drop_last=False,
+        )
+
+    # ---- evaluation -------------------------------------------------------------------------
+    def eval_loader(self, column: int, rank: int = 0, world: int = 1) -> DataLoader:
+        """Prompts of one eval set, this rank's share, padded so every rank runs as many batches."""
+        _, table, _ = self._eval[column]
+        n = len(table)
+        per_rank = -(-n // world)
+        indices = [i + 1 if i < n else -((i % n) + 1) for i in range(per_rank * world)][rank::world]
+        return DataLoader(
+            _EvalItems(table, self.encoder, indices),
+            batch_size=self.eval_batch_size,
+            collate_fn=self._collate_eval,
+            num_workers=self.num_workers,
+        )
+
+    def _collate_eval(self, items):
+        batch = self.encoder.collate(items, padding_side="left")
+        batch["meta"] = [x["meta"] for x in items]
+        return batch
+
+    def eval_metric(self, column: int) -> str:
+        return self._eval[column][2]
+
+    def val_dataloader(self):
+        # During fit the stream evaluates itself at task boundaries; `validate` uses these loaders.
+        if self.trainer.state.fn == "fit":
+            return []
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        return [self.eval_loader(c, rank, world) for c in range(len(self._eval))]
+
+    test_dataloader = val_dataloader
+
+    def state_dict(self):
+        return {"seed": self.seed, "tasks": [t.name for t in self.tasks]}
+
+    def load_state_dict(self, state):
+        if state.get("tasks") and state["tasks"] != [t.name for t in self.tasks]:
+            raise DataError(f"checkpoint was made for tasks {state['tasks']}, config has {[t.name for t in self.tasks]}")
+

@@ -1,0 +1,288 @@
+"""The LightningModule: a Hugging Face image-text-to-text model trained over a task stream.
+
+The model is built in `configure_model` (so FSDP can shard it once, after the recipe froze it)
+and trained through the whole stream in one `fit`: epoch i is task i (see `mllm_cl.data.stream`).
+At each task start the optimizer state is cleared and the LR schedule restarted; after each task
+(and once before the first) every eval set is scored by greedy generation and a row is added to
+the accuracy matrix, written to the run directory and TensorBoard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import lightning as L
+import torch
+
+from mllm_cl.families import get_family
+from mllm_cl.metrics import build_metric
+from mllm_cl.optim import TaskSchedule, param_groups, reset_optimizer_state
+from mllm_cl.results import StreamResults, atomic_write
+from strategies.base import Strategy
+from strategies.freeze import Full, Recipe
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_NOT_MODEL_INPUTS = ("labels", "meta", "skipped")
+
+
+class MLLMModule(L.LightningModule):
+    """Sequential fine-tuning of LLaVA-1.5 / Qwen2.5-VL with a freezing recipe and strategies.
+
+    Args:
+        family: model family, "llava" or "qwen2_5_vl".
+        pretrained: local directory or hub id of a checkpoint; None builds a tiny model.
+        tiny: size of the randomly initialised model built from config when `pretrained` is None
+            ("tiny" for tests, "demo" for the CPU demo).
+        tiny_seed: seed of the tiny model's initialisation.
+        dtype: weight dtype when loading: float32, bfloat16 or float16.
+        attn_implementation: "sdpa", "flash_attention_2" or "eager".
+        trust_remote_code: allow code from the checkpoint (off unless you trust it).
+        recipe: which parameters are trained (a `strategies.freeze.Recipe`).
+        strategies: further methods (LwF, ...) applied in order.
+        lr: peak learning rate of every task.
+        component_lr: per-component LR overrides, e.g. {"vision": 2e-6}.
+        weight_decay: AdamW weight decay.
+        warmup_ratio: warmup fraction of each task's steps.
+        min_lr_ratio: final LR of the cosine as a fraction of the peak.
+        max_new_tokens: generation budget when evaluating.
+        gradient_checkpointing: non-reentrant activation checkpointing of the decoder layers.
+    """
+
+    def __init__(
+        self,
+        family: str = "llava",
+        pretrained: str | None = None,
+        tiny: str = "tiny",
+        tiny_seed: int = 0,
+        dtype: str = "float32",
+        attn_implementation: str | None = "sdpa",
+        trust_remote_code: bool = False,
+        recipe: Recipe | None = None,
+        strategies: list[Strategy] | None = None,
+        lr: float = 5e-6,
+        component_lr: dict[str, float] | None = None,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.03,
+        min_lr_ratio: float = 0.0,
+        max_new_tokens: int = 16,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["recipe", "strategies"])
+        if dtype not in _DTYPES:
+            raise ValueError(f"model.dtype={dtype!r}; use one of {sorted(_DTYPES)}")
+        self.family = get_family(family)
+        self.recipe = recipe if recipe is not None else Full()
+        self.strategies = list(strategies or [])
+        self.processor = self.family.load_processor(pretrained) if pretrained else self.family.tiny_processor(tiny)
+        self.model = None
+        self.results: StreamResults | None = None
+        self.task_started = -1  # index of the last task whose start hooks ran (resume-safe)
+        self.param_counts: dict[str, dict[str, int]] = {}
+
+    # ---- building ---------------------------------------------------------------------------
+    @property
+    def all_strategies(self) -> list[Strategy]:
+        return [self.recipe, *self.strategies]
+
+    def configure_model(self):
+        if self.model is not None:  # idempotent: Lightning may call it more than once
+            return
+        hp = self.hparams
+        if hp.pretrained:
+            self.model = self.family.load(hp.pretrained, _DTYPES[hp.dtype], hp.attn_implementation, hp.trust_remote_code)
+        else:
+            self.model, _ = self.family.build_tiny(hp.tiny, hp.tiny_seed)
+            if hp.attn_implementation:
+                self.model.set_attn_implementation(hp.attn_implementation)
+        for strategy in self.all_strategies:
+            strategy.setup(self)
+        if hp.gradient_checkpointing:
+            # Non-reentrant: with reentrant checkpointing frozen embeddings cut the gradient (transformers #23170).
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.param_counts = self.count_parameters()
+        self._print_counts()
+
+    def canonical_names(self) -> dict[str, str]:
+        """Real parameter name -> canonical ``component.name`` (see `mllm_cl.families`)."""
+        if not hasattr(self, "_canonical"):
+            self._canonical = self.family.canonical_names(self.model)
+        return self._canonical
+
+    def component_of(self, real_name: str) -> str:
+        return self.canonical_names()[real_name].split(".", 1)[0]
+
+    def count_parameters(self) -> dict[str, dict[str, int]]:
+        counts: dict[str, dict[str, int]] = {}
+        for name, p in self.model.named_parameters():
+            for key in (self.component_of(name), "total"):
+                c = counts.setdefault(key, {"trainable": 0, "total": 0})
+                c["total"] += p.numel()
+                c["trainable"] += p.numel() if p.requires_grad else 0
+        return counts
+
+    def _print_counts(self):
+        if self.global_rank_zero():
+            rows = [f"  {k:<10} {v['trainable']:>14,} / {v['total']:>14,}" for k, v in self.param_counts.items()]
+            print(f"[mllm_cl] {type(self.recipe).__name__}: trainable / total parameters\n" + "\n".join(rows))
+
+    def global_rank_zero(self) -> bool:
+        return self._trainer is None or self.trainer.is_global_zero
+
+    # ---- optimisation -----------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = param_groups(self.model.named_parameters(), self.component_of, hp.lr, hp.component_lr, hp.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        schedule = TaskSchedule(optimizer, hp.warmup_ratio, hp.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def forward(self, batch: dict):
+        return self.model(**{k: v for k, v in batch.items() if k not in ("meta", "skipped")})
+
+    def training_step(self, batch, batch_idx):
+        skipped = int(batch.get("skipped", 0))
+        if skipped:
+            self.skipped_samples = getattr(self, "skipped_samples", 0) + skipped
+            self.log("train/skipped_samples", float(self.skipped_samples))
+        if "input_ids" not in batch:
+            return None  # every sample of the batch was skipped for length
+        outputs = self(batch)
+        loss = outputs.loss
+        self.log("train/ce", loss.detach(), prog_bar=True)
+        for strategy in self.strategies:
+            extra = strategy.loss(self, batch, outputs)
+            if extra is not None:
+                self.log(f"train/{type(strategy).__name__}", extra.detach())
+                loss = loss + extra
+        self.log("train/loss", loss.detach())
+        self.log("train/task", float(self.current_epoch))
+        return loss
+
+    # ---- the stream -------------------------------------------------------------------------
+    @property
+    def stream(self):
+        return self.trainer.datamodule
+
+    def on_train_start(self):
+        if self.results is None:
+            self.results = StreamResults([t.name for t in self.stream.tasks], [h.name for h in self.stream.heldout])
+        self._write_run_info()
+        if not self.results.rows:
+            self._evaluate_row("base")
+
+    def on_train_epoch_start(self):
+        task = self.current_epoch
+        if self.task_started == task:
+            return  # resumed inside this task: optimizer, schedule and strategies come from the checkpoint
+        for opt in self.trainer.optimizers:
+            reset_optimizer_state(opt)
+        for config in self.trainer.lr_scheduler_configs:
+            config.scheduler.start_task(self.stream.steps_for(task))
+        for strategy in self.all_strategies:
+            strategy.on_task_start(self, task)
+        self.task_started = task
+
+    def on_train_epoch_end(self):
+        task = self.current_epoch
+        if len(self.results.rows) > task + 1:
+            return  # this task's row was already recorded before a resume
+        for strategy in self.all_strategies:
+            strategy.on_task_end(self, task)
+        self._evaluate_row(self.stream.tasks[task].name)
+
+    def _evaluate_row(self, label: str):
+        accuracies = self.evaluate_all()
+        self.results.add_row(label, accuracies)
+        row = len(self.results.rows) - 1
+        if self.logger is not None:
+            metrics = {f"matrix/{c}": v for c, v in zip(self.results.columns, self.results.rows[-1], strict=True)}
+            metrics.update({f"stream/{k}": v for k, v in self.results.summary().items() if "/" not in k})
+            self.logger.log_metrics(metrics, step=row)
+        if self.global_rank_zero():
+            print(f"[mllm_cl] after {label}: " + ", ".join(f"{k}={v:.3f}" for k, v in accuracies.items()))
+            if self.run_dir:
+                self.results.write(self.run_dir)
+
+    @property
+    def run_dir(self) -> str | None:
+        return self.trainer.log_dir if self._trainer is not None else None
+
+    def _write_run_info(self):
+        if self.global_rank_zero() and self.run_dir:
+            atomic_write(os.path.join(self.run_dir, "parameters.json"), json.dumps(self.param_counts, indent=2))
+            if self.logger is not None:
+                self.logger.log_metrics(
+                    {f"params/{k}/{kind}": float(v[kind]) for k, v in self.param_counts.items() for kind in v}, step=0
+                )
+
+    # ---- evaluation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, batch: dict) -> list[str]:
+        """Greedy answers for a left-padded batch of prompts."""
+        tok = self.processor.tokenizer
+        inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+        out = self.model.generate(
+            **inputs,
+            max_new_tokens=self.hparams.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.convert_tokens_to_ids(self.family.end_of_turn),
+            synced_gpus=self.trainer.world_size > 1 if self._trainer is not None else False,
+        )
+        return [t.strip() for t in tok.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)]
+
+    def score_batch(self, batch: dict, metric) -> None:
+        preds = self.generate(batch)
+        kept = [(p, m["answers"]) for p, m in zip(preds, batch["meta"], strict=True) if m["weight"]]
+        if kept:
+            metric.update([p for p, _ in kept], [a for _, a in kept])
+
+    def evaluate_all(self) -> dict[str, float]:
+        """Score every eval set of the stream (tasks first, then held-out)."""
+        was_training = self.model.training
+        self.model.eval()
+        rank, world = (self.trainer.global_rank, self.trainer.world_size)
+        results = {}
+        for column, name in enumerate(self.stream.eval_names):
+            metric = build_metric(self.stream.eval_metric(column)).to(self.device)
+            for batch in self.stream.eval_loader(column, rank, world):
+                self.score_batch(self._to_device(batch), metric)
+            results[name] = float(metric.compute())
+        self.model.train(was_training)
+        return results
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    # validate / test subcommands: the same scoring through Lightning's evaluation loop.
+    def on_validation_epoch_start(self):
+        self._val_metrics = [build_metric(self.stream.eval_metric(c)).to(self.device) for c in range(len(self.stream.eval_names))]
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        self.score_batch(batch, self._val_metrics[dataloader_idx])
+
+    def on_validation_epoch_end(self):
+        for name, metric in zip(self.stream.eval_names, self._val_metrics, strict=True):
+            self.log(f"eval/{name}", metric.compute(), add_dataloader_idx=False)
+
+    on_test_epoch_start = on_validation_epoch_start
+    test_step = validation_step
+    on_test_epoch_end = on_validation_epoch_end
+
+    # ---- checkpoint state -------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["mllm_cl"] = {
+            "results": self.results.to_dict() if self.results else None,
+            "task_started": self.task_started,
+            "strategies": [s.state_dict() for s in self.all_strategies],
+        }
+
+    def on_load_checkpoint(self, checkpoint):
+        state = checkpoint.get("mllm_cl") or {}
+        if state.get("results"):
+            self.results = StreamResults.from_dict(state["results"])
+        self.task_started = state.get("task_started", -1)
+        for strategy, s_state in zip(self.all_strategies, state.get("strategies", []), strict=False):
+            strategy.load_state_dict(s_state)

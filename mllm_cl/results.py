@@ -1,0 +1,111 @@
+"""The accuracy matrix of a stream and its files in the run directory.
+
+R[i, j] = accuracy on eval set j after training task i; row 0 is the model before any training.
+Columns are the tasks (in stream order; NaN where a task has no eval set) followed by the held-out
+sets. Files are written atomically (temp file + rename): an interrupted write never leaves a
+truncated results file behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+from mllm_cl.continual import per_row_summary, summarize
+
+
+def atomic_write(path: str, text: str) -> None:
+    """Write `text` to `path` via a temp file in the same folder and os.replace."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class StreamResults:
+    """Rows of the accuracy matrix as the stream proceeds."""
+
+    tasks: list[str]
+    heldout: list[str]
+    rows: list[list[float]] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+
+    @property
+    def columns(self) -> list[str]:
+        return self.tasks + self.heldout
+
+    def add_row(self, label: str, accuracies: dict[str, float]) -> None:
+        self.rows.append([float(accuracies.get(c, math.nan)) for c in self.columns])
+        self.labels.append(label)
+
+    def summary(self) -> dict[str, float]:
+        return summarize(self.rows, len(self.tasks)) if self.rows else {}
+
+    def to_dict(self) -> dict:
+        return {
+            "tasks": self.tasks,
+            "heldout": self.heldout,
+            "columns": self.columns,
+            "row_labels": self.labels,
+            "matrix": self.rows,
+            "summary": self.summary(),
+            "per_row": per_row_summary(self.rows, len(self.tasks)) if self.rows else [],
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict) -> StreamResults:
+        return cls(list(state["tasks"]), list(state["heldout"]), [list(r) for r in state["matrix"]], list(state["row_labels"]))
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["after", *self.columns])
+        for label, row in zip(self.labels, self.rows, strict=True):
+            writer.writerow([label, *(f"{v:.4f}" for v in row)])
+        return buf.getvalue()
+
+    def to_markdown(self) -> str:
+        lines = ["| after | " + " | ".join(self.columns) + " |", "|---" * (len(self.columns) + 1) + "|"]
+        for label, row in zip(self.labels, self.rows, strict=True):
+            lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+        return "\n".join(lines)
+
+    def write(self, folder: str) -> None:
+        """accuracy_matrix.csv and results.json in `folder` (NaN written as null in JSON)."""
+        atomic_write(os.path.join(folder, "accuracy_matrix.csv"), self.to_csv())
+        atomic_write(os.path.join(folder, "results.json"), json.dumps(_nan_to_none(self.to_dict()), indent=2))
+
+
+def _nan_to_none(obj):
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def load_results(path: str) -> StreamResults:
+    """Read a run's results.json (a run directory or the file itself)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "results.json")
+    with open(path, encoding="utf-8") as fh:
+        state = json.load(fh)
+    state["matrix"] = [[math.nan if v is None else v for v in row] for row in state["matrix"]]
+    return StreamResults.from_dict(state)

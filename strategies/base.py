@@ -1,0 +1,40 @@
+"""The strategy base: hooks that do nothing, so a method overrides only what it needs.
+
+Inspired by Avalanche's plugins. The LightningModule calls, in order:
+
+- ``setup(module)`` once in ``configure_model``, after the model exists and before any sharding
+  (freeze parameters, wrap modules, save what is needed);
+- ``on_task_start(module, task)`` / ``on_task_end(module, task)`` around each task of the stream
+  (``on_task_end`` runs before the post-task evaluation);
+- ``loss(module, batch, outputs)`` every training step: an extra loss term added to the CE, or None
+  (Lightning callbacks cannot change the loss, so terms go through ``training_step``);
+- ``state_dict()`` / ``load_state_dict(state)``: saved in every checkpoint for an exact resume.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Strategy:
+    """A continual-learning method. Subclass it and override the hooks you need."""
+
+    def setup(self, module) -> None:
+        """Called once after the model is built, before sharding."""
+
+    def on_task_start(self, module, task: int) -> None:
+        """Called before the first step of task `task` (0-based)."""
+
+    def on_task_end(self, module, task: int) -> None:
+        """Called after the last step of task `task`, before it is evaluated."""
+
+    def loss(self, module, batch: dict, outputs) -> torch.Tensor | None:
+        """Extra loss term for this training step, or None."""
+        return None
+
+    def state_dict(self) -> dict:
+        """What must be checkpointed to resume exactly."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned."""
