@@ -12,6 +12,7 @@ Subclass `Source` and implement `load` to add one.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from collections.abc import Sequence
@@ -220,14 +221,68 @@ class Synthetic(HFDataset):
         seed: generator seed (use different seeds for train and eval splits).
         image_size: canvas side in pixels.
         style: image domain: plain, noisy or dark.
+        object_size: (min, max) object side as fractions of the canvas side.
     """
 
-    def __init__(self, skill: str, n: int = 1000, seed: int = 0, image_size: int = 64, style: str = "plain"):
+    def __init__(
+        self,
+        skill: str,
+        n: int = 1000,
+        seed: int = 0,
+        image_size: int = 64,
+        style: str = "plain",
+        object_size: tuple[float, float] = (0.125, 0.25),
+    ):
         super().__init__(path=f"synthetic:{skill}/{style}/seed{seed}")
         self.skill, self.n, self.seed, self.image_size, self.style = skill, n, seed, image_size, style
+        self.object_size = tuple(object_size)
 
     def load(self):
         from mllm_cl.data.synthetic import synthetic_dataset
 
-        ds = synthetic_dataset(self.skill, self.n, self.seed, image_size=self.image_size, style=self.style)
+        try:
+            ds = synthetic_dataset(
+                self.skill, self.n, self.seed, image_size=self.image_size, style=self.style, object_size=self.object_size
+            )
+        except ValueError as err:
+            raise DataError(f"Synthetic({self.skill}): {err}") from err
         return _ColumnTable(ds, self)
+
+
+class _Concat(Sequence):
+    def __init__(self, tables: list):
+        self.tables = tables
+        self.offsets = [0]
+        for t in tables:
+            self.offsets.append(self.offsets[-1] + len(t))
+
+    def __len__(self):
+        return self.offsets[-1]
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = bisect.bisect_right(self.offsets, i) - 1
+        return self.tables[k][i - self.offsets[k]]
+
+
+class Mix(Source):
+    """Several sources trained as one task (e.g. a base stage that knows several skills).
+
+    The task sampler shuffles across all of them; for a fixed mixing *ratio* use the data-hybrid
+    strategy instead.
+
+    Args:
+        sources: the sources, concatenated.
+    """
+
+    def __init__(self, sources: list[Source]):
+        if not sources:
+            raise DataError("Mix.sources is empty; list at least one source")
+        self.sources = sources
+
+    def describe(self):
+        return "Mix(" + ", ".join(s.describe() for s in self.sources) + ")"
+
+    def load(self):
+        return _Concat([s.load() for s in self.sources])

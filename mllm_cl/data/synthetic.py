@@ -73,10 +73,9 @@ _Q_MORE_THAN = "Are there more than {k} objects in the image?"
 _Q_IS_COLOUR = "Is the {shape} {colour}?"
 
 
-def _side(rng: random.Random, size: int) -> int:
-    """Draw an object side length between about size/8 and size/4."""
-    lo = max(3, size // 8)
-    return rng.randint(lo, max(lo, size // 4))
+def _side(rng: random.Random, sides: tuple[int, int]) -> int:
+    """Draw an object side length in pixels from the inclusive range `sides`."""
+    return rng.randint(*sides)
 
 
 def _box(x: int, y: int, side: int) -> Box:
@@ -88,12 +87,12 @@ def _separated(a: Box, b: Box) -> bool:
     return a[2] + _MARGIN < b[0] or b[2] + _MARGIN < a[0] or a[3] + _MARGIN < b[1] or b[3] + _MARGIN < a[1]
 
 
-def _random_box(rng: random.Random, size: int) -> Box:
-    side = _side(rng, size)
+def _random_box(rng: random.Random, size: int, sides: tuple[int, int]) -> Box:
+    side = _side(rng, sides)
     return _box(rng.randint(0, size - side), rng.randint(0, size - side), side)
 
 
-def _count_scene(rng: random.Random, size: int) -> list[_Obj]:
+def _count_scene(rng: random.Random, size: int, sides: tuple[int, int]) -> list[_Obj]:
     """1-5 objects of one shape, placed by rejection sampling so their boxes are apart.
 
     Colours may differ so counting cannot rely on colour. A dead end restarts the layout;
@@ -103,7 +102,7 @@ def _count_scene(rng: random.Random, size: int) -> list[_Obj]:
     for _ in range(100):
         boxes: list[Box] = []
         for _ in range(200):
-            box = _random_box(rng, size)
+            box = _random_box(rng, size, sides)
             if all(_separated(box, other) for other in boxes):
                 boxes.append(box)
                 if len(boxes) == count:
@@ -111,14 +110,14 @@ def _count_scene(rng: random.Random, size: int) -> list[_Obj]:
     raise RuntimeError(f"could not place {count} separated objects on a {size}px canvas")
 
 
-def _single(rng: random.Random, size: int) -> _Obj:
-    return _Obj(rng.choice(SHAPES), rng.choice(list(COLOURS)), _random_box(rng, size))
+def _single(rng: random.Random, size: int, sides: tuple[int, int]) -> _Obj:
+    return _Obj(rng.choice(SHAPES), rng.choice(list(COLOURS)), _random_box(rng, size, sides))
 
 
-def _left_right(rng: random.Random, size: int) -> tuple[_Obj, _Obj]:
+def _left_right(rng: random.Random, size: int, sides: tuple[int, int]) -> tuple[_Obj, _Obj]:
     """Two differently coloured objects whose x-ranges are clearly apart."""
     gap = max(_MARGIN + 1, size // 16)
-    s_left, s_right = _side(rng, size), _side(rng, size)
+    s_left, s_right = _side(rng, sides), _side(rng, sides)
     x_left = rng.randint(0, size - s_left - s_right - gap)
     x_right = rng.randint(x_left + s_left + gap, size - s_right)
     c_left, c_right = rng.sample(list(COLOURS), 2)
@@ -131,51 +130,51 @@ def _left_right(rng: random.Random, size: int) -> tuple[_Obj, _Obj]:
 Scene = tuple[list[_Obj], str, str]
 
 
-def _skill_count(rng: random.Random, size: int) -> Scene:
-    objs = _count_scene(rng, size)
+def _skill_count(rng: random.Random, size: int, sides: tuple[int, int]) -> Scene:
+    objs = _count_scene(rng, size, sides)
     return objs, _Q_COUNT.format(shape=objs[0].shape), str(len(objs))
 
 
-def _skill_colour(rng: random.Random, size: int) -> Scene:
-    obj = _single(rng, size)
+def _skill_colour(rng: random.Random, size: int, sides: tuple[int, int]) -> Scene:
+    obj = _single(rng, size, sides)
     return [obj], _Q_COLOUR.format(shape=obj.shape), obj.colour
 
 
-def _skill_shape(rng: random.Random, size: int) -> Scene:
-    obj = _single(rng, size)
+def _skill_shape(rng: random.Random, size: int, sides: tuple[int, int]) -> Scene:
+    obj = _single(rng, size, sides)
     return [obj], _Q_SHAPE, obj.shape
 
 
-def _skill_spatial(rng: random.Random, size: int) -> Scene:
-    left, right = _left_right(rng, size)
+def _skill_spatial(rng: random.Random, size: int, sides: tuple[int, int]) -> Scene:
+    left, right = _left_right(rng, size, sides)
     yes = rng.random() < 0.5
     first, second = (left, right) if yes else (right, left)
     question = _Q_SPATIAL.format(c1=first.colour, s1=first.shape, c2=second.colour, s2=second.shape)
     return [left, right], question, "yes" if yes else "no"
 
 
-def _skill_classify(rng: random.Random, size: int) -> Scene:
-    obj = _single(rng, size)
+def _skill_classify(rng: random.Random, size: int, sides: tuple[int, int]) -> Scene:
+    obj = _single(rng, size, sides)
     labels = list(SHAPES)
     rng.shuffle(labels)  # label order varies so the model cannot learn a position prior
     return [obj], _Q_CLASSIFY.format(labels=", ".join(labels)), obj.shape
 
 
-def _skill_count_ood_text(rng: random.Random, size: int) -> Scene:
+def _skill_count_ood_text(rng: random.Random, size: int, sides: tuple[int, int]) -> Scene:
     # With count uniform in 1..5 and k uniform in 1..4, P(count > k) is exactly 1/2.
-    objs = _count_scene(rng, size)
+    objs = _count_scene(rng, size, sides)
     k = rng.randint(1, _MAX_COUNT - 1)
     return objs, _Q_MORE_THAN.format(k=k), "yes" if len(objs) > k else "no"
 
 
-def _skill_colour_ood_text(rng: random.Random, size: int) -> Scene:
-    obj = _single(rng, size)
+def _skill_colour_ood_text(rng: random.Random, size: int, sides: tuple[int, int]) -> Scene:
+    obj = _single(rng, size, sides)
     yes = rng.random() < 0.5
     asked = obj.colour if yes else rng.choice([c for c in COLOURS if c != obj.colour])
     return [obj], _Q_IS_COLOUR.format(shape=obj.shape, colour=asked), "yes" if yes else "no"
 
 
-_SKILL_FNS: dict[str, Callable[[random.Random, int], Scene]] = {
+_SKILL_FNS: dict[str, Callable[[random.Random, int, tuple[int, int]], Scene]] = {
     "count": _skill_count,
     "colour": _skill_colour,
     "shape": _skill_shape,
@@ -251,7 +250,23 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-def make_samples(skill: str, n: int, seed: int, image_size: int = 64, style: str = "plain") -> list[dict]:
+def object_sides(image_size: int, object_size: tuple[float, float]) -> tuple[int, int]:
+    """Object side range in pixels for fractions `object_size` = (min, max) of the canvas side."""
+    lo, hi = object_size
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"object_size must be two fractions 0 < min <= max <= 1, got {object_size}")
+    lo_px = max(3, int(image_size * lo))
+    return lo_px, max(lo_px, int(image_size * hi))
+
+
+def make_samples(
+    skill: str,
+    n: int,
+    seed: int,
+    image_size: int = 64,
+    style: str = "plain",
+    object_size: tuple[float, float] = (0.125, 0.25),
+) -> list[dict]:
     """Draw ``n`` visual-question-answer samples for one skill and image style.
 
     Scenes and text do not depend on ``style``, so one seed gives the same scenes in every
@@ -263,6 +278,8 @@ def make_samples(skill: str, n: int, seed: int, image_size: int = 64, style: str
         seed: Seed of the ``random.Random`` that drives everything.
         image_size: Side of the square RGB canvas in pixels (>= 16).
         style: One of ``STYLES`` (image domain: background).
+        object_size: (min, max) object side as fractions of the canvas side. Larger objects are
+            easier for tiny vision towers; count scenes need max <= 0.25, spatial max <= 0.45.
 
     Returns:
         List of dicts with keys id, image (PIL RGB), question, answer, skill and meta (JSON
@@ -272,13 +289,16 @@ def make_samples(skill: str, n: int, seed: int, image_size: int = 64, style: str
         ValueError: On an unknown skill or style or an ``image_size`` below 16.
     """
     _check_args(skill, style, n, image_size)
+    sides = object_sides(image_size, object_size)
+    if skill in ("count", "count_ood_text") and object_size[1] > 0.25 or skill == "spatial" and object_size[1] > 0.45:
+        raise ValueError(f"object_size max {object_size[1]} too large for {skill} scenes; use <= 0.25 (count) or 0.45 (spatial)")
     rng = random.Random(seed)
     # Always drawn, even when unused, so scenes stay identical across styles.
     noise = np.random.default_rng(rng.getrandbits(64))
     make_scene = _SKILL_FNS[skill]
     samples = []
     for i in range(n):
-        objs, question, answer = make_scene(rng, image_size)
+        objs, question, answer = make_scene(rng, image_size, sides)
         uid = f"{skill}-{style}-{image_size}-{seed}-{i:06d}"
         image = _render(objs, image_size, style, noise)
         meta = json.dumps([asdict(o) for o in objs])
@@ -286,8 +306,12 @@ def make_samples(skill: str, n: int, seed: int, image_size: int = 64, style: str
     return samples
 
 
-def _cache_folder(root: Path, skill: str, n: int, seed: int, image_size: int, style: str) -> Path:
+def _cache_folder(
+    root: Path, skill: str, n: int, seed: int, image_size: int, style: str, object_size=(0.125, 0.25)
+) -> Path:
     key = dict(skill=skill, n=n, seed=seed, image_size=image_size, style=style, version=GENERATOR_VERSION)
+    if tuple(object_size) != (0.125, 0.25):  # keeps the default's cache key (and folder) unchanged
+        key["object_size"] = list(object_size)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return root / f"synthetic-{skill}-{style}-{digest}"
 
@@ -313,6 +337,7 @@ def synthetic_dataset(
     image_size: int = 64,
     style: str = "plain",
     cache_dir: str | None = None,
+    object_size: tuple[float, float] = (0.125, 0.25),
 ) -> datasets.Dataset:
     """The samples of :func:`make_samples` as a Hugging Face dataset, cached on disk.
 
@@ -326,6 +351,7 @@ def synthetic_dataset(
         image_size: Side of the square canvas in pixels.
         style: One of ``STYLES``.
         cache_dir: Cache root; defaults to ``$MLLM_CL_CACHE`` or ``~/.cache/mllm_cl``.
+        object_size: (min, max) object side as fractions of the canvas (see :func:`make_samples`).
 
     Returns:
         Dataset with columns id, image (``datasets.Image``), question, answer, skill, meta.
@@ -338,9 +364,9 @@ def synthetic_dataset(
     _check_args(skill, style, n, image_size)
     root = Path(cache_dir or os.environ.get("MLLM_CL_CACHE") or Path.home() / ".cache" / "mllm_cl")
     root.mkdir(parents=True, exist_ok=True)
-    final = _cache_folder(root, skill, n, seed, image_size, style)
+    final = _cache_folder(root, skill, n, seed, image_size, style, object_size)
     if not final.is_dir():
-        samples = make_samples(skill, n, seed, image_size, style)
+        samples = make_samples(skill, n, seed, image_size, style, object_size)
         string = datasets.Value("string")
         features = datasets.Features({c: datasets.Image() if c == "image" else string for c in _COLUMNS})
         columns = {name: [s[name] for s in samples] for name in features}
