@@ -6,12 +6,16 @@ Inspired by Avalanche's plugins. The LightningModule calls, in order:
   (freeze parameters, wrap modules, save what is needed);
 - ``on_task_start(module, task)`` / ``on_task_end(module, task)`` around each task of the stream
   (``on_task_end`` runs before the post-task evaluation);
+- ``train_data(module, task, table)`` when a task's train loader is built: return the samples to
+  train on (default: `table` unchanged; data-hybrid and replay mix other samples in);
 - ``loss(module, batch, outputs)`` every training step: an extra loss term added to the CE, or None
   (Lightning callbacks cannot change the loss, so terms go through ``training_step``);
 - ``state_dict()`` / ``load_state_dict(state)``: saved in every checkpoint for an exact resume.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -27,6 +31,10 @@ class Strategy:
 
     def on_task_end(self, module, task: int) -> None:
         """Called after the last step of task `task`, before it is evaluated."""
+
+    def train_data(self, module, task: int, table: Sequence[dict]) -> Sequence[dict]:
+        """The samples task `task` trains on; `table` is the task's own data."""
+        return table
 
     def loss(self, module, batch: dict, outputs) -> torch.Tensor | None:
         """Extra loss term for this training step, or None."""

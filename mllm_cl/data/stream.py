@@ -218,7 +218,9 @@ class TaskStream(L.LightningDataModule):
 
     def train_dataloader(self):
         index = min(self.trainer.current_epoch, len(self.tasks) - 1)
-        table = self._train[index]
+        module, table = self.trainer.lightning_module, self._train[index]
+        for strategy in module.all_strategies:
+            table = strategy.train_data(module, index, table)
         num = self.steps_for(index) * self._accumulate() * self.batch_size
         sampler = TaskSampler(len(table), num, self.seed * 1000 + index, self.trainer.global_rank, self.trainer.world_size)
         return DataLoader(
