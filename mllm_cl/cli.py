@@ -39,6 +39,14 @@ class MllmCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``python -m mllm_cl`` and ``mllm-cl``."""
     argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] == "report":
+        from mllm_cl.report import main as report_main
+
+        sys.exit(report_main(argv[1:]))
+    if argv and argv[0] == "plan":
+        from mllm_cl.plan import main as plan_main
+
+        sys.exit(plan_main(argv[1:]))
     try:
         MllmCLI(
             MLLMModule,

@@ -93,7 +93,9 @@ class Encoder:
                     "raise data.max_length or set data.overlength to truncate / skip"
                 )
             image_id = self.family.image_token_id(self.processor)
-            if self.overlength == "skip" or image_id in ids[self.max_length :]:
+            # Skipped too: a cut inside an image, or before every answer token (NaN loss).
+            no_answer = all(x == IGNORE for x in labels[: self.max_length])
+            if self.overlength == "skip" or image_id in ids[self.max_length :] or no_answer:
                 return None
             ids, labels = ids[: self.max_length], labels[: self.max_length]
             out = {k: (v[:, : self.max_length] if k in ("attention_mask", "mm_token_type_ids") else v) for k, v in out.items()}
@@ -104,8 +106,14 @@ class Encoder:
     def _labels(self, rendered, ids: list[int]) -> list[int]:
         tok = self.processor.tokenizer
         plain = tok(rendered.text, return_offsets_mapping=True)
+        text = rendered.text
+
+        def in_answer(start: int, end: int) -> bool:
+            return end > start and any(s <= start and end <= e for s, e in rendered.targets)
+
+        # SentencePiece tokens own the space before them (LLaVA's '▁red' spans " red"): judge them without it.
         is_target = [
-            end > start and any(s <= start and end <= e for s, e in rendered.targets)
+            in_answer(start, end) or in_answer(end - len(text[start:end].lstrip()), end)
             for start, end in plain["offset_mapping"]
         ]
         image_id = self.family.image_token_id(self.processor)

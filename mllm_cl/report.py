@@ -1,0 +1,299 @@
+"""Compare finished runs the way Zhu et al. do: Δ learning and Δ held-out per recipe.
+
+``python -m mllm_cl report RUN [RUN ...] [--names a b] [--out DIR] [--no-plots]`` reads each run
+directory's ``results.json`` (written by ``fit``), prints a markdown comparison (numbers in percentage
+points, NaN as "–"), every run's accuracy matrix, the 2x2 ID/OOD table when ``results.json`` has a
+``domains`` dict ``{column: {"image": "id"|"ood", "text": "id"|"ood"}}``, and writes ``report.md``
+plus PNG plots to ``--out`` (default: the first run's parent folder / ``report``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+
+from mllm_cl.continual import per_row_summary
+from mllm_cl.results import StreamResults, load_results
+
+MINUS = "\u2212"
+DASH = "\u2013"
+QUADRANTS = [("id", "id"), ("id", "ood"), ("ood", "id"), ("ood", "ood")]
+COLUMNS = [  # (header, summary key, signed)
+    ("Δ learning", "learning", True),
+    ("Δ held-out", "heldout_change", True),
+    ("final avg acc", "avg_accuracy", False),
+    ("forgetting", "forgetting", True),
+    ("BWT", "bwt", True),
+    ("FWT", "fwt", True),
+    ("held-out avg", "heldout_avg", False),
+]
+
+
+def quadrant_name(image: str, text: str) -> str:
+    return f"{image.upper()} img / {text.upper()} text"
+
+
+def fmt_pp(value: float, signed: bool = False) -> str:
+    """A fraction as percentage points with one decimal: 0.249 -> "+24.9" (signed), NaN -> "–"."""
+    if value is None or math.isnan(value):
+        return DASH
+    pp = round(float(value) * 100, 1) + 0.0  # + 0.0 turns -0.0 into 0.0
+    return (f"{pp:+.1f}" if signed else f"{pp:.1f}").replace("-", MINUS)
+
+
+def _results_path(run_dir: str) -> str:
+    return run_dir if os.path.isfile(run_dir) else os.path.join(run_dir, "results.json")
+
+
+def _folder(run_dir: str) -> str:
+    path = os.path.abspath(run_dir)
+    return os.path.dirname(path) if os.path.isfile(path) else path
+
+
+def run_name(run_dir: str) -> str:
+    """The recipe named in the run's config.yaml (``model.recipe.class_path``), else the folder name."""
+    folder = _folder(run_dir)
+    try:
+        import yaml
+
+        with open(os.path.join(folder, "config.yaml"), encoding="utf-8") as fh:
+            recipe = (yaml.safe_load(fh) or {}).get("model", {}).get("recipe")
+        if isinstance(recipe, Mapping):
+            recipe = recipe.get("class_path")
+        if isinstance(recipe, str) and recipe:
+            return recipe.rsplit(".", 1)[-1]
+    except (OSError, AttributeError, ValueError, ImportError):
+        pass
+    return os.path.basename(folder)
+
+
+def _names(run_dirs: Sequence[str], names: Sequence[str] | None) -> list[str]:
+    if names is not None:
+        if len(names) != len(run_dirs):
+            raise ValueError(f"got {len(names)} names for {len(run_dirs)} runs")
+        return list(names)
+    out = [run_name(d) for d in run_dirs]  # same recipe twice: tell the runs apart by folder
+    return [
+        f"{n} ({os.path.basename(_folder(d))})" if out.count(n) > 1 else n
+        for n, d in zip(out, run_dirs, strict=True)
+    ]
+
+
+def load_run(run_dir: str) -> tuple[StreamResults, dict]:
+    """The run's StreamResults and the raw results.json dict (for optional keys such as ``domains``)."""
+    with open(_results_path(run_dir), encoding="utf-8") as fh:
+        raw = json.load(fh)
+    return load_results(_results_path(run_dir)), raw
+
+
+def quadrant_columns(columns: Sequence[str], domains: Mapping) -> dict[tuple[str, str], list[str]]:
+    """{(image, text): the columns tagged so}, for the four ID/OOD quadrants; untagged columns are left out."""
+    members: dict[tuple[str, str], list[str]] = {q: [] for q in QUADRANTS}
+    for col, tags in domains.items():
+        if col not in columns:
+            continue
+        key = (str(tags.get("image", "")).lower(), str(tags.get("text", "")).lower())
+        if key not in members:
+            raise ValueError(f"domains[{col!r}] = {dict(tags)}: image and text must each be 'id' or 'ood'")
+        members[key].append(col)
+    return members
+
+
+def quadrants(results: StreamResults | Mapping, domains: Mapping | None = None) -> list[dict]:
+    """Per matrix row, the mean accuracy over the columns of each ID/OOD image x text quadrant.
+
+    ``results`` is a results.json dict (its ``domains`` is used) or a StreamResults with ``domains``
+    given. Returns ``[]`` without domains; else one dict per row: ``label`` plus one key per quadrant
+    (see :func:`quadrant_name`), NaN where a quadrant has no column or only NaN cells.
+    """
+    if isinstance(results, Mapping):
+        domains = results.get("domains") if domains is None else domains
+        results = StreamResults.from_dict(
+            {**results, "matrix": [[math.nan if v is None else v for v in r] for r in results["matrix"]]}
+        )
+    if not domains:
+        return []
+    members = {
+        q: [results.columns.index(c) for c in cols]
+        for q, cols in quadrant_columns(results.columns, domains).items()
+    }
+    out = []
+    for label, row in zip(results.labels, results.rows, strict=True):
+        entry: dict = {"label": label}
+        for q, cols in members.items():
+            kept = [row[c] for c in cols if not math.isnan(row[c])]
+            entry[quadrant_name(*q)] = sum(kept) / len(kept) if kept else math.nan
+        out.append(entry)
+    return out
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def matrix_markdown(results: StreamResults) -> str:
+    """The accuracy matrix in percentage points (rows: base, after task 1, ...)."""
+    rows = zip(results.labels, results.rows, strict=True)
+    return _table(["after", *results.columns], [[label, *map(fmt_pp, row)] for label, row in rows])
+
+
+def compare(run_dirs: list[str], names: list[str] | None = None) -> str:
+    """Markdown: one comparison row per run (percentage points), then each run's matrix and 2x2 table."""
+    names = _names(run_dirs, names)
+    loaded = [load_run(d) for d in run_dirs]
+    rows = []
+    for name, (res, _) in zip(names, loaded, strict=True):
+        s = res.summary()
+        cells = [fmt_pp(s.get(key, math.nan), signed) for _, key, signed in COLUMNS]
+        rows.append([name, *cells, f"{max(len(res.rows) - 1, 0)}/{len(res.tasks)}"])
+    parts = [
+        "## Comparison (percentage points)",
+        _table(["run", *(h for h, _, _ in COLUMNS), "tasks trained"], rows),
+    ]
+    for name, run_dir, (res, raw) in zip(names, run_dirs, loaded, strict=True):
+        parts += [f"## {name}", f"`{run_dir}` — tasks: {', '.join(res.tasks)}", matrix_markdown(res)]
+        quads = quadrants(raw)
+        if quads:
+            header = [quadrant_name(*q) for q in QUADRANTS]
+            body = [[q["label"], *(fmt_pp(q[h]) for h in header)] for q in quads]
+            parts += [f"### {name}: ID / OOD (image x text)", _table(["after", *header], body)]
+            members = quadrant_columns(res.columns, raw["domains"])
+            parts.append(
+                "\n".join(f"- {quadrant_name(*q)}: {', '.join(c) or DASH}" for q, c in members.items())
+            )
+    return "\n\n".join(parts) + "\n"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"
+
+
+def heatmap_figure(results: StreamResults, title: str):
+    """Figure of the accuracy matrix: colour scale 0..1, values annotated, NaN cells grey."""
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    data = np.array(results.rows, dtype=float)
+    nrows, ncols = data.shape
+    fig = Figure(figsize=(max(5.0, 0.75 * ncols + 2.5), max(3.0, 0.55 * nrows + 1.8)), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    cmap = colormaps["viridis"].with_extremes(bad="lightgrey")
+    image = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    fig.colorbar(image, ax=ax, label="accuracy")
+    ax.set_xticks(range(ncols), results.columns, rotation=40, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(nrows), results.labels)
+    ax.set_xlabel("eval set (tasks | held-out)")
+    ax.set_ylabel("after training")
+    if results.heldout and results.tasks:
+        ax.axvline(len(results.tasks) - 0.5, color="white", linewidth=2)
+    for i in range(nrows):
+        for j in range(ncols):
+            v = data[i, j]
+            text, colour = (DASH, "black") if math.isnan(v) else (f"{v:.2f}", "white" if v < 0.5 else "black")
+            ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=8)
+    ax.set_title(f"{title}: accuracy matrix")
+    return fig
+
+
+def line_figure(series: Mapping[str, Sequence[float]], labels: Sequence[str], title: str, ylabel: str):
+    """One line per run over the stream (x = row labels); NaN points are gaps."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(5.0, 0.8 * len(labels) + 2.5), 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, values in series.items():
+        ax.plot(range(len(values)), [v * 100 for v in values], marker="o", label=name)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", rotation_mode="anchor")
+    ax.set_xlabel("after training")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if series:
+        ax.legend(fontsize=8)
+    return fig
+
+
+def figures(run_dirs: list[str], names: list[str] | None = None) -> dict:
+    """{file stem: matplotlib Figure}: one heatmap per run, held-out and seen-task curves over the stream."""
+    names = _names(run_dirs, names)
+    runs = [load_results(_results_path(d)) for d in run_dirs]
+    out = {}
+    for i, (name, res) in enumerate(zip(names, runs, strict=True)):
+        stem = f"heatmap_{_safe(name)}"
+        out[stem if stem not in out else f"{stem}_{i}"] = heatmap_figure(res, name)
+    per_row = [per_row_summary(r.rows, len(r.tasks)) if r.rows else [] for r in runs]
+    labels = max((r.labels for r in runs), key=len, default=[])
+    for stem, key, title, ylabel in (
+        ("heldout", "heldout_avg", "Held-out accuracy across the stream", "mean held-out accuracy (%)"),
+        ("avg_seen", "avg_seen", "Average accuracy over seen tasks", "mean accuracy on trained tasks (%)"),
+    ):
+        series = {n: [p[key] for p in rows] for n, rows in zip(names, per_row, strict=True)}
+        out[stem] = line_figure(series, labels, title, ylabel)
+    return out
+
+
+def plot(run_dirs: list[str], out_dir: str, names: list[str] | None = None) -> list[str]:
+    """Writes the figures of :func:`figures` as PNGs into ``out_dir``; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for stem, fig in figures(run_dirs, names).items():
+        path = os.path.join(out_dir, f"{stem}.png")
+        fig.savefig(path, dpi=120)
+        paths.append(path)
+    return paths
+
+
+def log_figures_to_tensorboard(run_dir: str, figures: Mapping, step: int = 0) -> None:
+    """Adds figures ({tag: matplotlib Figure}, e.g. from :func:`figures`) as images ``report/<tag>`` to
+    the run's TensorBoard (an event file in ``run_dir``)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=_folder(run_dir))
+    try:
+        for tag, fig in figures.items():
+            writer.add_figure(f"report/{tag}", fig, step, close=False)
+    finally:
+        writer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mllm_cl report``: prints the comparison, writes report.md and PNGs; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m mllm_cl report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories holding results.json")
+    parser.add_argument("--names", nargs="+", help="display names, one per run (default: the recipe)")
+    parser.add_argument("--out", help="output folder (default: <first run's parent>/report)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.names is not None and len(args.names) != len(args.runs):
+        parser.error(f"--names has {len(args.names)} names for {len(args.runs)} runs")
+    for run in args.runs:
+        if not os.path.isfile(_results_path(run)):
+            hint = "run `python -m mllm_cl fit --config ...` first, it writes results.json there"
+            print(f"error: {run} has no results.json; {hint}", file=sys.stderr)
+            return 2
+    try:
+        text = compare(args.runs, args.names)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print(f"error: cannot read the results ({type(err).__name__}: {err})", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join(os.path.dirname(_folder(args.runs[0])), "report")
+    os.makedirs(out, exist_ok=True)
+    paths = [os.path.join(out, "report.md")]
+    with open(paths[0], "w", encoding="utf-8") as fh:
+        fh.write(text)
+    if not args.no_plots:
+        paths += plot(args.runs, out, args.names)
+    print(text)
+    print("wrote:\n" + "\n".join(f"  {p}" for p in paths))
+    return 0
