@@ -42,4 +42,8 @@ class ExportHF(L.Callback):
             return
         root = self.dirpath or os.path.join(trainer.log_dir, "hf")
         name = trainer.datamodule.tasks[trainer.current_epoch].name
-        export_hf(pl_module.model, pl_module.processor, root if self.last_only else os.path.join(root, f"after_{name}"))
+        export_hf(
+            pl_module.model,
+            pl_module.processor,
+            root if self.last_only else os.path.join(root, f"after_{name}"),
+        )

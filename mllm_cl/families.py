@@ -78,7 +78,9 @@ class Family:
         names = {}
         for real, param in model.named_parameters():
             if id(param) not in owner:
-                raise RuntimeError(f"{self.name}: parameter {real} belongs to no component; update families.py")
+                raise RuntimeError(
+                    f"{self.name}: parameter {real} belongs to no component; update families.py"
+                )
             names[real] = owner[id(param)]
         return names
 
@@ -259,7 +261,9 @@ class Qwen25VLFamily(Family):
             temporal_patch_size=2,
             size={"shortest_edge": pixels, "longest_edge": pixels},
         )
-        return Qwen25VLImageOnlyProcessor(image_processor=image_processor, tokenizer=build_tokenizer("qwen2_5_vl"))
+        return Qwen25VLImageOnlyProcessor(
+            image_processor=image_processor, tokenizer=build_tokenizer("qwen2_5_vl")
+        )
 
     def tiny_config(self, tokenizer, size):
         s = SIZES[size]

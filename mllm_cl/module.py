@@ -75,7 +75,9 @@ class MLLMModule(L.LightningModule):
         self.family = get_family(family)
         self.recipe = recipe if recipe is not None else Full()
         self.strategies = list(strategies or [])
-        self.processor = self.family.load_processor(pretrained) if pretrained else self.family.tiny_processor(tiny)
+        self.processor = (
+            self.family.load_processor(pretrained) if pretrained else self.family.tiny_processor(tiny)
+        )
         self.model = None
         self.results: StreamResults | None = None
         self.task_started = -1  # index of the last task whose start hooks ran (resume-safe)
@@ -91,7 +93,9 @@ class MLLMModule(L.LightningModule):
             return
         hp = self.hparams
         if hp.pretrained:
-            self.model = self.family.load(hp.pretrained, _DTYPES[hp.dtype], hp.attn_implementation, hp.trust_remote_code)
+            self.model = self.family.load(
+                hp.pretrained, _DTYPES[hp.dtype], hp.attn_implementation, hp.trust_remote_code
+            )
         else:
             self.model, _ = self.family.build_tiny(hp.tiny, hp.tiny_seed)
             if hp.attn_implementation:
@@ -124,7 +128,9 @@ class MLLMModule(L.LightningModule):
 
     def _print_counts(self):
         if self.global_rank_zero():
-            rows = [f"  {k:<10} {v['trainable']:>14,} / {v['total']:>14,}" for k, v in self.param_counts.items()]
+            rows = [
+                f"  {k:<10} {v['trainable']:>14,} / {v['total']:>14,}" for k, v in self.param_counts.items()
+            ]
             print(f"[mllm_cl] {type(self.recipe).__name__}: trainable / total parameters\n" + "\n".join(rows))
 
     def global_rank_zero(self) -> bool:
@@ -133,7 +139,9 @@ class MLLMModule(L.LightningModule):
     # ---- optimisation -----------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        groups = param_groups(self.model.named_parameters(), self.component_of, hp.lr, hp.component_lr, hp.weight_decay)
+        groups = param_groups(
+            self.model.named_parameters(), self.component_of, hp.lr, hp.component_lr, hp.weight_decay
+        )
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         schedule = TaskSchedule(optimizer, hp.warmup_ratio, hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -167,7 +175,9 @@ class MLLMModule(L.LightningModule):
 
     def on_train_start(self):
         if self.results is None:
-            self.results = StreamResults([t.name for t in self.stream.tasks], [h.name for h in self.stream.heldout])
+            self.results = StreamResults(
+                [t.name for t in self.stream.tasks], [h.name for h in self.stream.heldout]
+            )
         self._write_run_info()
         if not self.results.rows:
             self._evaluate_row("base")
@@ -197,7 +207,9 @@ class MLLMModule(L.LightningModule):
         self.results.add_row(label, accuracies)
         row = len(self.results.rows) - 1
         if self.logger is not None:
-            metrics = {f"matrix/{c}": v for c, v in zip(self.results.columns, self.results.rows[-1], strict=True)}
+            metrics = {
+                f"matrix/{c}": v for c, v in zip(self.results.columns, self.results.rows[-1], strict=True)
+            }
             metrics.update({f"stream/{k}": v for k, v in self.results.summary().items() if "/" not in k})
             self.logger.log_metrics(metrics, step=row)
         if self.global_rank_zero():
@@ -211,10 +223,17 @@ class MLLMModule(L.LightningModule):
 
     def _write_run_info(self):
         if self.global_rank_zero() and self.run_dir:
-            atomic_write(os.path.join(self.run_dir, "parameters.json"), json.dumps(self.param_counts, indent=2))
+            atomic_write(
+                os.path.join(self.run_dir, "parameters.json"), json.dumps(self.param_counts, indent=2)
+            )
             if self.logger is not None:
                 self.logger.log_metrics(
-                    {f"params/{k}/{kind}": float(v[kind]) for k, v in self.param_counts.items() for kind in v}, step=0
+                    {
+                        f"params/{k}/{kind}": float(v[kind])
+                        for k, v in self.param_counts.items()
+                        for kind in v
+                    },
+                    step=0,
                 )
 
     # ---- evaluation -------------------------------------------------------------------------
@@ -231,7 +250,10 @@ class MLLMModule(L.LightningModule):
             eos_token_id=tok.convert_tokens_to_ids(self.family.end_of_turn),
             synced_gpus=self.trainer.world_size > 1 if self._trainer is not None else False,
         )
-        return [t.strip() for t in tok.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)]
+        return [
+            t.strip()
+            for t in tok.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        ]
 
     def score_batch(self, batch: dict, metric) -> None:
         preds = self.generate(batch)
@@ -258,7 +280,10 @@ class MLLMModule(L.LightningModule):
 
     # validate / test subcommands: the same scoring through Lightning's evaluation loop.
     def on_validation_epoch_start(self):
-        self._val_metrics = [build_metric(self.stream.eval_metric(c)).to(self.device) for c in range(len(self.stream.eval_names))]
+        self._val_metrics = [
+            build_metric(self.stream.eval_metric(c)).to(self.device)
+            for c in range(len(self.stream.eval_names))
+        ]
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
         self.score_batch(batch, self._val_metrics[dataloader_idx])

@@ -23,8 +23,14 @@ class TaskSchedule(LRScheduler):
         total_steps: steps of the first task (`start_task` sets it per task).
     """
 
-    def __init__(self, optimizer, warmup_ratio: float = 0.03, min_lr_ratio: float = 0.0, total_steps: int = 1):
-        self.warmup_ratio, self.min_lr_ratio, self.total_steps = warmup_ratio, min_lr_ratio, max(1, total_steps)
+    def __init__(
+        self, optimizer, warmup_ratio: float = 0.03, min_lr_ratio: float = 0.0, total_steps: int = 1
+    ):
+        self.warmup_ratio, self.min_lr_ratio, self.total_steps = (
+            warmup_ratio,
+            min_lr_ratio,
+            max(1, total_steps),
+        )
         super().__init__(optimizer)
 
     def factor(self, step: int) -> float:
@@ -51,7 +57,9 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     optimizer.state.clear()
 
 
-def param_groups(named_params, component_of, lr: float, component_lr: dict[str, float] | None, weight_decay: float):
+def param_groups(
+    named_params, component_of, lr: float, component_lr: dict[str, float] | None, weight_decay: float
+):
     """Trainable parameters grouped by component so each may have its own LR (e.g. vision 2e-6)."""
     component_lr = component_lr or {}
     groups: dict[float, list] = {}

@@ -69,7 +69,12 @@ class StreamResults:
 
     @classmethod
     def from_dict(cls, state: dict) -> StreamResults:
-        return cls(list(state["tasks"]), list(state["heldout"]), [list(r) for r in state["matrix"]], list(state["row_labels"]))
+        return cls(
+            list(state["tasks"]),
+            list(state["heldout"]),
+            [list(r) for r in state["matrix"]],
+            list(state["row_labels"]),
+        )
 
     def to_csv(self) -> str:
         buf = io.StringIO()

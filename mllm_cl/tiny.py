@@ -104,5 +104,7 @@ class TinySize:
 SIZES = {
     "tiny": TinySize(),
     # 64 px images cut in 16 px patches -> 16 image tokens: few image tokens learn fastest on CPU.
-    "demo": TinySize(image_size=64, patch_size=16, vision_hidden=128, text_hidden=256, text_layers=4, heads=4),
+    "demo": TinySize(
+        image_size=64, patch_size=16, vision_hidden=128, text_hidden=256, text_layers=4, heads=4
+    ),
 }

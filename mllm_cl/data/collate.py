@@ -98,7 +98,10 @@ class Encoder:
             if self.overlength == "skip" or image_id in ids[self.max_length :] or no_answer:
                 return None
             ids, labels = ids[: self.max_length], labels[: self.max_length]
-            out = {k: (v[:, : self.max_length] if k in ("attention_mask", "mm_token_type_ids") else v) for k, v in out.items()}
+            out = {
+                k: (v[:, : self.max_length] if k in ("attention_mask", "mm_token_type_ids") else v)
+                for k, v in out.items()
+            }
         out["input_ids"] = torch.tensor([ids])
         out["labels"] = torch.tensor([labels])
         return out

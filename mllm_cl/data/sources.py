@@ -40,7 +40,11 @@ def conversation_to_messages(turns: list, where: str) -> list[dict]:
         raise DataError(f"{where}: 'conversations' must be a non-empty list of turns")
     messages = []
     for turn in turns:
-        role = _ROLES.get(str(turn.get("from", turn.get("role", ""))).lower()) if isinstance(turn, dict) else None
+        role = (
+            _ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
+            if isinstance(turn, dict)
+            else None
+        )
         if role is None:
             raise DataError(f"{where}: each turn needs 'from' (human/gpt) and 'value'; got {str(turn)[:80]}")
         messages.append({"role": role, "content": str(turn.get("value", turn.get("content", "")))})
@@ -54,7 +58,9 @@ def _open_image(path: str, where: str) -> Image.Image:
         with Image.open(path) as img:
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{where}: image {path} cannot be read ({err}); replace the file or drop the sample") from err
+        raise DataError(
+            f"{where}: image {path} cannot be read ({err}); replace the file or drop the sample"
+        ) from err
 
 
 class _LlavaTable(Sequence):
@@ -70,7 +76,9 @@ class _LlavaTable(Sequence):
         files = [files] if isinstance(files, str) else files
         images = [_open_image(os.path.join(self.image_folder, f), where) for f in files]
         messages = conversation_to_messages(rec.get("conversations"), where)
-        answers = rec.get("answers") or [next(m["content"] for m in reversed(messages) if m["role"] == "assistant")]
+        answers = rec.get("answers") or [
+            next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
+        ]
         return {"id": str(rec.get("id", i)), "images": images, "messages": messages, "answers": list(answers)}
 
 
@@ -106,7 +114,9 @@ class LlavaJson(Source):
                     try:
                         out.append((f"{self.path}:{lineno}", json.loads(line)))
                     except json.JSONDecodeError as err:
-                        raise DataError(f"{self.path}:{lineno}: malformed JSON ({err.msg}); fix or delete the line") from err
+                        raise DataError(
+                            f"{self.path}:{lineno}: malformed JSON ({err.msg}); fix or delete the line"
+                        ) from err
             return out
         try:
             data = json.loads(text)
@@ -126,7 +136,9 @@ class LlavaJson(Source):
             for f in [files] if isinstance(files, str) else files:
                 full = os.path.join(self.image_folder, f)
                 if not os.path.isfile(full):
-                    raise DataError(f"{where}: image {full} not found; fix image_folder or the record's 'image'")
+                    raise DataError(
+                        f"{where}: image {full} not found; fix image_folder or the record's 'image'"
+                    )
         return _LlavaTable(records, self.image_folder)
 
 
@@ -188,7 +200,11 @@ class HFDataset(Source):
         limit: int | None = None,
     ):
         self.path, self.split, self.data_files, self.limit = path, split, data_files, limit
-        self.image_column, self.question_column, self.answer_column = image_column, question_column, answer_column
+        self.image_column, self.question_column, self.answer_column = (
+            image_column,
+            question_column,
+            answer_column,
+        )
         self.answers_column, self.conversations_column = answers_column, conversations_column
 
     def describe(self):
@@ -202,11 +218,17 @@ class HFDataset(Source):
             ds = ds[self.split] if isinstance(ds, datasets.DatasetDict) else ds
         else:
             ds = datasets.load_dataset(self.path, data_files=self.data_files, split=self.split)
-        needed = [self.conversations_column] if self.conversations_column else [self.question_column, self.answer_column]
+        needed = (
+            [self.conversations_column]
+            if self.conversations_column
+            else [self.question_column, self.answer_column]
+        )
         needed += [c for c in (self.image_column, self.answers_column) if c]
         missing = [c for c in needed if c not in ds.column_names]
         if missing:
-            raise DataError(f"{self.path}: columns {missing} not found (has {ds.column_names}); set the *_column options")
+            raise DataError(
+                f"{self.path}: columns {missing} not found (has {ds.column_names}); set the *_column options"
+            )
         if self.limit is not None:
             ds = ds.select(range(min(self.limit, len(ds))))
         return _ColumnTable(ds, self)
@@ -242,7 +264,12 @@ class Synthetic(HFDataset):
 
         try:
             ds = synthetic_dataset(
-                self.skill, self.n, self.seed, image_size=self.image_size, style=self.style, object_size=self.object_size
+                self.skill,
+                self.n,
+                self.seed,
+                image_size=self.image_size,
+                style=self.style,
+                object_size=self.object_size,
             )
         except ValueError as err:
             raise DataError(f"Synthetic({self.skill}): {err}") from err

@@ -164,7 +164,12 @@ class TaskStream(L.LightningDataModule):
             raise DataError(f"data.overlength={overlength!r}; use skip, truncate or error")
         self.tasks, self.heldout = tasks, list(heldout or [])
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
-        self.max_length, self.overlength, self.eval_limit, self.seed = max_length, overlength, eval_limit, seed
+        self.max_length, self.overlength, self.eval_limit, self.seed = (
+            max_length,
+            overlength,
+            eval_limit,
+            seed,
+        )
         self.encoder: Encoder | None = None
         self._train: list | None = None
         self._eval: list | None = None
@@ -172,7 +177,9 @@ class TaskStream(L.LightningDataModule):
     # ---- set-up -----------------------------------------------------------------------------
     def setup(self, stage: str):
         if self._train is None:
-            self._train = [self._load(t.train, f"data.tasks[{i}].train ({t.name})") for i, t in enumerate(self.tasks)]
+            self._train = [
+                self._load(t.train, f"data.tasks[{i}].train ({t.name})") for i, t in enumerate(self.tasks)
+            ]
             self._eval = [
                 (name, _Head(self._load(src, f"eval set {name}"), self.eval_limit), metric)
                 for name, src, metric in self.eval_specs()
@@ -222,7 +229,9 @@ class TaskStream(L.LightningDataModule):
         for strategy in module.all_strategies:
             table = strategy.train_data(module, index, table)
         num = self.steps_for(index) * self._accumulate() * self.batch_size
-        sampler = TaskSampler(len(table), num, self.seed * 1000 + index, self.trainer.global_rank, self.trainer.world_size)
+        sampler = TaskSampler(
+            len(table), num, self.seed * 1000 + index, self.trainer.global_rank, self.trainer.world_size
+        )
         return DataLoader(
             _Encoded(table, self.encoder.encode_train),
             batch_size=self.batch_size,
@@ -268,5 +277,6 @@ class TaskStream(L.LightningDataModule):
 
     def load_state_dict(self, state):
         if state.get("tasks") and state["tasks"] != [t.name for t in self.tasks]:
-            raise DataError(f"checkpoint was made for tasks {state['tasks']}, config has {[t.name for t in self.tasks]}")
-
+            raise DataError(
+                f"checkpoint was made for tasks {state['tasks']}, config has {[t.name for t in self.tasks]}"
+            )

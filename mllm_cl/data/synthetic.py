@@ -290,8 +290,15 @@ def make_samples(
     """
     _check_args(skill, style, n, image_size)
     sides = object_sides(image_size, object_size)
-    if skill in ("count", "count_ood_text") and object_size[1] > 0.25 or skill == "spatial" and object_size[1] > 0.45:
-        raise ValueError(f"object_size max {object_size[1]} too large for {skill} scenes; use <= 0.25 (count) or 0.45 (spatial)")
+    if (
+        skill in ("count", "count_ood_text")
+        and object_size[1] > 0.25
+        or skill == "spatial"
+        and object_size[1] > 0.45
+    ):
+        raise ValueError(
+            f"object_size max {object_size[1]} too large for {skill} scenes; use <= 0.25 (count) or 0.45 (spatial)"
+        )
     rng = random.Random(seed)
     # Always drawn, even when unused, so scenes stay identical across styles.
     noise = np.random.default_rng(rng.getrandbits(64))
