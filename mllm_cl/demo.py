@@ -39,20 +39,31 @@ def _wait(procs: list[subprocess.Popen]) -> None:
             sys.exit(f"error: {' '.join(proc.args[1:])} failed; see its log in runs/demo/*.log")
 
 
+# (config name, table label); the first two always run, the rest with --strategies.
+_DEMOS = [("full", "Full"), ("saproj", "SA Proj"), ("gateup", "MLP Gate&Up"), ("lwf", "Full + LwF"),
+          ("wiseft", "Full + WiSE-FT"), ("hybrid", "Full + hybrid 25%"), ("replay", "Full + replay 25%")]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mllm_cl.demo", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--reuse-base", action="store_true", help="skip step 1 if runs/demo/base_model exists"
+    )
+    parser.add_argument(
+        "--strategies", action="store_true", help="also run MLP Gate&Up, LwF, WiSE-FT, data-hybrid and replay"
     )
     args = parser.parse_args(argv)
     os.makedirs(os.path.join("runs", "demo"), exist_ok=True)
     version, start = time.strftime("%Y%m%d-%H%M%S"), time.time()
     if not (args.reuse_base and os.path.isdir(os.path.join("runs", "demo", "base_model"))):
         _wait([_fit("demo_base.yaml", version, threads=os.cpu_count() or 1)])
-    _wait([_fit(f"demo_{name}.yaml", version, threads=1) for name in ("full", "saproj")])
-    runs = [os.path.join("runs", "demo", name, version) for name in ("full", "saproj")]
-    print("\n" + compare(runs, names=["Full", "SA Proj"]))
-    paths = plot(runs, os.path.join("runs", "demo", "report"), names=["Full", "SA Proj"])
+    chosen = [*_DEMOS[:2], *(_DEMOS[2:] if args.strategies else [])]
+    for pair in range(0, len(chosen), 2):  # two at a time, one thread each
+        _wait([_fit(f"demo_{name}.yaml", version, threads=1) for name, _ in chosen[pair : pair + 2]])
+    runs = [os.path.join("runs", "demo", name, version) for name, _ in chosen]
+    labels = [label for _, label in chosen]
+    print("\n" + compare(runs, names=labels))
+    paths = plot(runs, os.path.join("runs", "demo", "report"), names=labels)
     print("plots: " + ", ".join(paths))
     print(f"demo wall time: {time.time() - start:.0f} s; TensorBoard: tensorboard --logdir runs/demo")
 

@@ -6,16 +6,46 @@ What users hand to vLLM or lmms-eval; `LlavaForConditionalGeneration.from_pretra
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 
 import lightning as L
+import torch
 
+from mllm_cl.errors import ConfigError, MllmClError
 from mllm_cl.families import Qwen25VLImageOnlyProcessor
 
+# Jinja equivalents of `Family.render` (HF's apply_chat_template), for processors that have none.
+# Message content may be a string (with <image> marks) or HF's list of {"type": "image" | "text"}.
+# Literal text goes through {{ '...' }} so whitespace control never eats it.
+_CONTENT = (
+    "{%- macro content(m) -%}{%- if m['content'] is string -%}"
+    "{{ m['content'] | replace('<image>', IMAGE) }}{%- else -%}{%- for c in m['content'] -%}"
+    "{%- if c['type'] == 'image' -%}{{ IMAGE + '\\n' }}{%- elif c['type'] == 'text' -%}{{ c['text'] }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}{%- endmacro -%}"
+)
+CHAT_TEMPLATES = {
+    "llava": "{%- set IMAGE = '<image>' -%}"
+    + _CONTENT
+    + "{%- for m in messages -%}{%- if m['role'] == 'system' -%}{{ content(m) + ' ' }}"
+    "{%- elif m['role'] == 'user' -%}{{ 'USER: ' + content(m) + ' ' }}"
+    "{%- else -%}{{ 'ASSISTANT: ' + content(m) + '</s>' }}{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}",
+    "qwen2_5_vl": "{%- set IMAGE = '<|vision_start|><|image_pad|><|vision_end|>' -%}"
+    + _CONTENT
+    + "{%- if messages[0]['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif -%}"
+    "{%- for m in messages -%}{{ '<|im_start|>' + m['role'] + '\\n' + content(m) + '<|im_end|>\\n' }}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}",
+}
 
-def export_hf(model, processor, out_dir: str) -> str:
+
+def export_hf(model, processor, out_dir: str, family: str | None = None) -> str:
     """Write `model` and `processor` to `out_dir` in the Hugging Face layout; returns out_dir."""
     os.makedirs(out_dir, exist_ok=True)
+    if family in CHAT_TEMPLATES and not getattr(processor, "chat_template", None):
+        processor.chat_template = CHAT_TEMPLATES[family]
     model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
     if isinstance(processor, Qwen25VLImageOnlyProcessor):
@@ -46,4 +76,55 @@ class ExportHF(L.Callback):
             pl_module.model,
             pl_module.processor,
             root if self.last_only else os.path.join(root, f"after_{name}"),
+            pl_module.family.name,
         )
+
+
+def load_trained(config: str, ckpt_path: str | None):
+    """The `MLLMModule` of `config` with the trained weights and strategy state of `ckpt_path`."""
+    from mllm_cl import checkpointing
+    from mllm_cl.cli import MllmCLI
+    from mllm_cl.data.stream import TaskStream
+    from mllm_cl.module import MLLMModule
+
+    cli = MllmCLI(MLLMModule, TaskStream, args=["--config", config], run=False)
+    module = cli.model
+    module.configure_model()
+    if ckpt_path:
+        checkpointing.check_ckpt_file(ckpt_path)
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        module.on_load_checkpoint(checkpoint)  # refuses another family / recipe; restores strategies
+        module.load_state_dict(checkpoint["state_dict"], strict=False)  # frozen weights come from config
+    return module
+
+
+def merged_model(module):
+    """The plain HF model: strategies that wrap it (LoRA) merge their weights first."""
+    for strategy in module.all_strategies:
+        if callable(getattr(strategy, "merge", None)):
+            strategy.merge(module)
+    model = module.model
+    if callable(getattr(model, "merge_and_unload", None)):  # a peft wrapper left in place
+        model = model.merge_and_unload()
+    return model
+
+
+def main(argv: list[str]) -> int:
+    """``python -m mllm_cl export --config CONFIG --ckpt_path CKPT --out DIR``."""
+    parser = argparse.ArgumentParser(prog="python -m mllm_cl export", description=__doc__)
+    parser.add_argument("--config", required=True, help="the YAML the run was trained with")
+    parser.add_argument("--ckpt_path", help="a .ckpt written by fit (e.g. .../checkpoints/last.ckpt)")
+    parser.add_argument("--out", required=True, help="output directory (Hugging Face layout)")
+    args = parser.parse_args(argv)
+    try:
+        if not os.path.isfile(args.config):
+            raise ConfigError(f"--config {args.config}: file not found")
+        module = load_trained(args.config, args.ckpt_path)
+        export_hf(merged_model(module), module.processor, args.out, module.family.name)
+    except MllmClError as err:
+        from mllm_cl.guards import one_line
+
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+    print(f"[mllm_cl] exported {module.family.name} to {args.out}")
+    return 0

@@ -15,15 +15,16 @@ import os
 import lightning as L
 import torch
 
+from mllm_cl import checkpointing, generation
 from mllm_cl.families import get_family
-from mllm_cl.metrics import build_metric
+from mllm_cl.guards import check_policy, guard_loss, note_length_events, print_length_summary
 from mllm_cl.optim import TaskSchedule, param_groups, reset_optimizer_state
 from mllm_cl.results import StreamResults, atomic_write
+from mllm_cl.sharding import check_attn_implementation, local_log_dir, shard_model
 from strategies.base import Strategy
 from strategies.freeze import Full, Recipe
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_NOT_MODEL_INPUTS = ("labels", "meta", "skipped")
 
 
 class MLLMModule(L.LightningModule):
@@ -47,6 +48,9 @@ class MLLMModule(L.LightningModule):
         min_lr_ratio: final LR of the cosine as a fraction of the peak.
         max_new_tokens: generation budget when evaluating.
         gradient_checkpointing: non-reentrant activation checkpointing of the decoder layers.
+        compile: `torch.compile` each transformer block (see `mllm_cl.sharding`).
+        nonfinite_loss: on a NaN / inf loss, "stop" with an error naming task and step, or "skip"
+            the batch (counted in train/nonfinite_skipped).
     """
 
     def __init__(
@@ -67,9 +71,13 @@ class MLLMModule(L.LightningModule):
         min_lr_ratio: float = 0.0,
         max_new_tokens: int = 16,
         gradient_checkpointing: bool = False,
+        nonfinite_loss: str = "stop",
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["recipe", "strategies"])
+        check_policy(nonfinite_loss)
+        check_attn_implementation(attn_implementation)
         if dtype not in _DTYPES:
             raise ValueError(f"model.dtype={dtype!r}; use one of {sorted(_DTYPES)}")
         self.family = get_family(family)
@@ -106,6 +114,7 @@ class MLLMModule(L.LightningModule):
             # Non-reentrant: with reentrant checkpointing frozen embeddings cut the gradient (transformers #23170).
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.param_counts = self.count_parameters()
+        shard_model(self)  # compile, then FSDP2 under ModelParallelStrategy (after freezing)
         self._print_counts()
 
     def canonical_names(self) -> dict[str, str]:
@@ -147,13 +156,10 @@ class MLLMModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def forward(self, batch: dict):
-        return self.model(**{k: v for k, v in batch.items() if k not in ("meta", "skipped")})
+        return self.model(**{k: v for k, v in batch.items() if k not in ("meta", "skipped", "truncated")})
 
     def training_step(self, batch, batch_idx):
-        skipped = int(batch.get("skipped", 0))
-        if skipped:
-            self.skipped_samples = getattr(self, "skipped_samples", 0) + skipped
-            self.log("train/skipped_samples", float(self.skipped_samples))
+        note_length_events(self, batch)  # train/skipped_samples, train/truncated_samples
         if "input_ids" not in batch:
             return None  # every sample of the batch was skipped for length
         outputs = self(batch)
@@ -164,6 +170,9 @@ class MLLMModule(L.LightningModule):
             if extra is not None:
                 self.log(f"train/{type(strategy).__name__}", extra.detach())
                 loss = loss + extra
+        loss = guard_loss(self, loss, self.hparams.nonfinite_loss)
+        if loss is None:
+            return None
         self.log("train/loss", loss.detach())
         self.log("train/task", float(self.current_epoch))
         return loss
@@ -178,6 +187,7 @@ class MLLMModule(L.LightningModule):
             self.results = StreamResults(
                 [t.name for t in self.stream.tasks], [h.name for h in self.stream.heldout]
             )
+            self.results.domains = generation.eval_domains(self.stream)
         self._write_run_info()
         if not self.results.rows:
             self._evaluate_row("base")
@@ -198,6 +208,7 @@ class MLLMModule(L.LightningModule):
         task = self.current_epoch
         if len(self.results.rows) > task + 1:
             return  # this task's row was already recorded before a resume
+        print_length_summary(self, task)
         for strategy in self.all_strategies:
             strategy.on_task_end(self, task)
         self._evaluate_row(self.stream.tasks[task].name)
@@ -219,7 +230,7 @@ class MLLMModule(L.LightningModule):
 
     @property
     def run_dir(self) -> str | None:
-        return self.trainer.log_dir if self._trainer is not None else None
+        return local_log_dir(self.trainer) if self._trainer is not None else None
 
     def _write_run_info(self):
         if self.global_rank_zero() and self.run_dir:
@@ -238,28 +249,20 @@ class MLLMModule(L.LightningModule):
 
     # ---- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, batch: dict) -> list[str]:
-        """Greedy answers for a left-padded batch of prompts."""
-        tok = self.processor.tokenizer
-        inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
-        out = self.model.generate(
-            **inputs,
-            max_new_tokens=self.hparams.max_new_tokens,
-            do_sample=False,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.convert_tokens_to_ids(self.family.end_of_turn),
+    def generate(self, batch: dict, max_new_tokens: int | None = None, stop: list[str] | None = None) -> list[str]:
+        """Greedy answers for a left-padded batch of prompts (same as one at a time: mllm_cl.generation)."""
+        return generation.generate(
+            self.model,
+            self.processor.tokenizer,
+            self.family.end_of_turn,
+            batch,
+            max_new_tokens or self.hparams.max_new_tokens,
+            stop,
             synced_gpus=self.trainer.world_size > 1 if self._trainer is not None else False,
         )
-        return [
-            t.strip()
-            for t in tok.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        ]
 
-    def score_batch(self, batch: dict, metric) -> None:
-        preds = self.generate(batch)
-        kept = [(p, m["answers"]) for p, m in zip(preds, batch["meta"], strict=True) if m["weight"]]
-        if kept:
-            metric.update([p for p, _ in kept], [a for _, a in kept])
+    def score_batch(self, batch: dict, metric, options: dict | None = None) -> None:
+        generation.score_batch(self, batch, metric, options or {})
 
     def evaluate_all(self) -> dict[str, float]:
         """Score every eval set of the stream (tasks first, then held-out)."""
@@ -268,9 +271,9 @@ class MLLMModule(L.LightningModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size)
         results = {}
         for column, name in enumerate(self.stream.eval_names):
-            metric = build_metric(self.stream.eval_metric(column)).to(self.device)
+            metric = generation.build_eval_metric(self.stream, column).to(self.device)
             for batch in self.stream.eval_loader(column, rank, world):
-                self.score_batch(self._to_device(batch), metric)
+                self.score_batch(self._to_device(batch), metric, self.stream.eval_options(column))
             results[name] = float(metric.compute())
         self.model.train(was_training)
         return results
@@ -281,16 +284,19 @@ class MLLMModule(L.LightningModule):
     # validate / test subcommands: the same scoring through Lightning's evaluation loop.
     def on_validation_epoch_start(self):
         self._val_metrics = [
-            build_metric(self.stream.eval_metric(c)).to(self.device)
+            generation.build_eval_metric(self.stream, c).to(self.device)
             for c in range(len(self.stream.eval_names))
         ]
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
-        self.score_batch(batch, self._val_metrics[dataloader_idx])
+        self.score_batch(batch, self._val_metrics[dataloader_idx], self.stream.eval_options(dataloader_idx))
 
     def on_validation_epoch_end(self):
+        values = {}
         for name, metric in zip(self.stream.eval_names, self._val_metrics, strict=True):
-            self.log(f"eval/{name}", metric.compute(), add_dataloader_idx=False)
+            values[name] = metric.compute()
+            self.log(f"eval/{name}", values[name], add_dataloader_idx=False)
+        generation.write_eval_results(self, values)  # eval_<validate|test>.json in the run dir
 
     on_test_epoch_start = on_validation_epoch_start
     test_step = validation_step
@@ -303,8 +309,10 @@ class MLLMModule(L.LightningModule):
             "task_started": self.task_started,
             "strategies": [s.state_dict() for s in self.all_strategies],
         }
+        checkpointing.on_save(self, checkpoint)  # drops frozen weights, adds RNG + identity
 
     def on_load_checkpoint(self, checkpoint):
+        checkpointing.on_load(self, checkpoint)
         state = checkpoint.get("mllm_cl") or {}
         if state.get("results"):
             self.results = StreamResults.from_dict(state["results"])

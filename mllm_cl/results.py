@@ -44,6 +44,7 @@ class StreamResults:
     heldout: list[str]
     rows: list[list[float]] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
+    domains: dict = field(default_factory=dict)  # {column: {"image": "id"|"ood", "text": ...}} (2x2 report)
 
     @property
     def columns(self) -> list[str]:
@@ -65,6 +66,7 @@ class StreamResults:
             "matrix": self.rows,
             "summary": self.summary(),
             "per_row": per_row_summary(self.rows, len(self.tasks)) if self.rows else [],
+            **({"domains": self.domains} if self.domains else {}),
         }
 
     @classmethod
@@ -74,6 +76,7 @@ class StreamResults:
             list(state["heldout"]),
             [list(r) for r in state["matrix"]],
             list(state["row_labels"]),
+            dict(state.get("domains") or {}),
         )
 
     def to_csv(self) -> str:

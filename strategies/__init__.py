@@ -6,6 +6,12 @@ say ``class_path: strategies.freeze.SAProj`` or just ``class_path: SAProj``.
 
 from strategies.base import Strategy
 from strategies.freeze import LLM, MLP, Full, MLPGateUp, Patterns, Projector, Recipe, SAProj, VisionEncoder
+from strategies.hybrid import DataHybrid
+from strategies.l2_anchor import L2Anchor
+from strategies.lora import LoRA
+from strategies.lwf import LwF
+from strategies.replay import Replay
+from strategies.wise_ft import WiSEFT
 
 __all__ = [
     "Strategy",
@@ -18,4 +24,10 @@ __all__ = [
     "MLP",
     "MLPGateUp",
     "Patterns",
+    "LwF",
+    "DataHybrid",
+    "Replay",
+    "WiSEFT",
+    "LoRA",
+    "L2Anchor",
 ]

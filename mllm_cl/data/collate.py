@@ -102,6 +102,7 @@ class Encoder:
                 k: (v[:, : self.max_length] if k in ("attention_mask", "mm_token_type_ids") else v)
                 for k, v in out.items()
             }
+            out["truncated"] = 1  # counted per batch by `collate`, logged as train/truncated_samples
         out["input_ids"] = torch.tensor([ids])
         out["labels"] = torch.tensor([labels])
         return out
@@ -142,6 +143,9 @@ class Encoder:
         batch = {"skipped": torch.tensor(len(items) - len(kept))}
         if not kept:
             return batch
+        truncated = sum(int(x.pop("truncated", 0)) for x in kept)
+        if truncated:  # only when it happened, so batches stay plain model inputs otherwise
+            batch["truncated"] = torch.tensor(truncated)
         pad_id = self.processor.tokenizer.pad_token_id
         longest = max(x["input_ids"].shape[1] for x in kept)
         pads = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE, "mm_token_type_ids": 0}

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mllm_cl.checkpointing import resume_offset
 from mllm_cl.data.collate import Encoder
 from mllm_cl.data.sources import Source
 from mllm_cl.errors import DataError
+from mllm_cl.generation import prompt_labels
 
 
 @dataclass
@@ -31,6 +33,10 @@ class Task:
         steps: optimizer steps for this task (overrides `epochs`).
         epochs: passes over `train` when `steps` is not given.
         metric: answer metric of the eval set (see `mllm_cl.metrics.build_metric`).
+        metric_args: keyword arguments of the metric, e.g. {"labels": [...]} for emt.
+        eval_batch_size: prompts per generation batch of the eval set (default: data.eval_batch_size).
+        max_new_tokens: generation budget of the eval set (default: model.max_new_tokens).
+        stop: strings that end an answer (generation stops early; the answer is cut before them).
     """
 
     name: str
@@ -39,6 +45,10 @@ class Task:
     steps: int | None = None
     epochs: float = 1.0
     metric: str = "exact_match"
+    metric_args: dict | None = None
+    eval_batch_size: int | None = None
+    max_new_tokens: int | None = None
+    stop: list[str] | None = None
 
 
 @dataclass
@@ -51,6 +61,10 @@ class EvalSet:
         metric: answer metric (see `mllm_cl.metrics.build_metric`).
         image_domain: "id" or "ood" relative to the training images (2x2 report).
         text_domain: "id" or "ood" relative to the training questions.
+        metric_args: keyword arguments of the metric, e.g. {"labels": [...]} for emt.
+        eval_batch_size: prompts per generation batch (default: data.eval_batch_size).
+        max_new_tokens: generation budget (default: model.max_new_tokens).
+        stop: strings that end an answer (generation stops early; the answer is cut before them).
     """
 
     name: str
@@ -59,6 +73,10 @@ class EvalSet:
     image_domain: str = "id"
     text_domain: str = "id"
     extra: dict = field(default_factory=dict)
+    metric_args: dict | None = None
+    eval_batch_size: int | None = None
+    max_new_tokens: int | None = None
+    stop: list[str] | None = None
 
 
 class _Head(Sequence):
@@ -102,6 +120,9 @@ class _EvalItems(Dataset):
         item = self.encoder.encode_prompt(sample)
         # Negative index = padding so every rank runs the same number of batches; not scored.
         item["meta"] = {"answers": sample["answers"], "id": sample["id"], "weight": 1 if i > 0 else 0}
+        labels = prompt_labels(sample)  # the label set named in the prompt (EMT classification)
+        if labels:
+            item["meta"]["labels"] = labels
         return item
 
 
@@ -112,8 +133,9 @@ class TaskSampler(Sampler[int]):
     resumed run can skip exactly the samples already seen.
     """
 
-    def __init__(self, size: int, num_samples: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, size: int, num_samples: int, seed: int, rank: int = 0, world: int = 1, start: int = 0):
         self.size, self.num_samples, self.seed, self.rank, self.world = size, num_samples, seed, rank, world
+        self.start = start  # samples of this rank's share already trained (mid-task resume)
 
     def global_order(self) -> list[int]:
         rng, order = random.Random(self.seed), []
@@ -124,9 +146,10 @@ class TaskSampler(Sampler[int]):
         return order[: self.num_samples * self.world]
 
     def __iter__(self):
-        return iter(self.global_order()[self.rank :: self.world])
+        return iter(self.global_order()[self.rank :: self.world][self.start :])
 
     def __len__(self):
+        # The full length even when resuming: Lightning's restored batch counters count from the task's start.
         return self.num_samples
 
 
@@ -207,6 +230,12 @@ class TaskStream(L.LightningDataModule):
     def eval_names(self) -> list[str]:
         return [name for name, _, _ in self.eval_specs()]
 
+    def eval_options(self, column: int) -> dict:
+        """Per-eval-set settings of a column: metric_args, eval_batch_size, max_new_tokens, stop, domains."""
+        from mllm_cl.generation import eval_options  # noqa: PLC0415
+
+        return eval_options(self, column)
+
     def task_column(self, task_index: int) -> str | None:
         return self.tasks[task_index].name if self.tasks[task_index].eval is not None else None
 
@@ -230,7 +259,8 @@ class TaskStream(L.LightningDataModule):
             table = strategy.train_data(module, index, table)
         num = self.steps_for(index) * self._accumulate() * self.batch_size
         sampler = TaskSampler(
-            len(table), num, self.seed * 1000 + index, self.trainer.global_rank, self.trainer.world_size
+            len(table), num, self.seed * 1000 + index, self.trainer.global_rank, self.trainer.world_size,
+            start=resume_offset(self.trainer) * self.batch_size,
         )
         return DataLoader(
             _Encoded(table, self.encoder.encode_train),
@@ -250,7 +280,7 @@ class TaskStream(L.LightningDataModule):
         indices = [i + 1 if i < n else -((i % n) + 1) for i in range(per_rank * world)][rank::world]
         return DataLoader(
             _EvalItems(table, self.encoder, indices),
-            batch_size=self.eval_batch_size,
+            batch_size=self.eval_options(column)["eval_batch_size"] or self.eval_batch_size,
             collate_fn=self._collate_eval,
             num_workers=self.num_workers,
         )

@@ -1,0 +1,119 @@
+"""Counting-bias probe: how much probability the model puts on number tokens while it answers.
+
+Definition (Zhu et al. 2025, "How to Teach Large Multimodal Models New Skills", counting-bias
+analysis): the *number tokens* N are the vocabulary entries that, once the leading space marker
+(byte-level BPE `Ġ`, SentencePiece `▁`) is removed, are all ASCII digits, a digit ordinal (1st, 22nd),
+a single-token decimal (3.5, .5), or a number word (zero–twenty, the tens, hundred / thousand /
+million / billion; word ordinals first–twentieth as well). Matching is case-insensitive.
+
+For a prompt, greedy decoding runs for up to `max_new_tokens` steps (through the end-of-turn token).
+At step t with raw logits z_t (before any logits processor) and p_t = softmax(z_t) over the whole
+vocabulary we record
+
+    max_logit_t = max_{v in N} z_t[v],   max_prob_t = max_{v in N} p_t[v],   mass_t = sum_{v in N} p_t[v],
+
+average each over the sample's steps, then report mean and std (population, ddof=0) over samples.
+A model that forgot how to stop counting after a counting task shows a high `number_mass` on caption
+prompts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+
+from mllm_cl.data.collate import Encoder
+from mllm_cl.generation import generate_ids
+
+_WORDS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety "
+    "hundred thousand million billion "
+    "first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth thirteenth "
+    "fourteenth fifteenth sixteenth seventeenth eighteenth nineteenth twentieth"
+).split()
+NUMBER_WORDS = frozenset(_WORDS)
+_DIGIT_FORMS = re.compile(r"^(?:[0-9]+|[0-9]+(?:st|nd|rd|th)|[0-9]*\.[0-9]+)$")
+_SPACE_MARKERS = "Ġ▁ "
+
+
+def is_number_token(token: str) -> bool:
+    """True for a token string (as in the vocabulary) that names a number; see the module docstring."""
+    text = token.lstrip(_SPACE_MARKERS).lower()
+    return bool(text) and (text.isascii() and bool(_DIGIT_FORMS.match(text)) or text in NUMBER_WORDS)
+
+
+def number_token_ids(tokenizer) -> list[int]:
+    """Sorted ids of the number tokens of `tokenizer`'s vocabulary (special tokens excluded)."""
+    special = set(tokenizer.all_special_ids)
+    return sorted(i for tok, i in tokenizer.get_vocab().items() if i not in special and is_number_token(tok))
+
+
+def step_stats(logits: torch.Tensor, number_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-row statistics of one decoding step's raw logits (B, V) -> three (B,) tensors."""
+    logits = logits.float()
+    probs = torch.softmax(logits, dim=-1)[:, number_ids]
+    return {
+        "max_number_logit": logits[:, number_ids].max(dim=-1).values,
+        "max_number_prob": probs.max(dim=-1).values,
+        "number_mass": probs.sum(dim=-1),
+    }
+
+
+def _batch_stats(module, batch: dict, number_ids: torch.Tensor, max_new_tokens: int) -> list[dict]:
+    tok = module.processor.tokenizer
+    out = generate_ids(
+        module.model,
+        tok,
+        module.family.end_of_turn,
+        batch,
+        max_new_tokens,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    eos = tok.convert_tokens_to_ids(module.family.end_of_turn)
+    new = out.sequences[:, batch["input_ids"].shape[1] :]
+    # A row's steps run through its first end-of-turn token; later steps are padding of finished rows.
+    done_before = torch.cumsum((new == eos).int(), dim=1) - (new == eos).int() > 0
+    valid = (~done_before).float()
+    per_step = [step_stats(z, number_ids) for z in out.logits]
+    rows = []
+    for r in range(new.shape[0]):
+        n = valid[r].sum()
+        rows.append(
+            {k: float(sum(s[k][r] * valid[r, t] for t, s in enumerate(per_step)) / n) for k in per_step[0]}
+        )
+    return rows
+
+
+@torch.no_grad()
+def probe(module, samples: Sequence[dict], batch_size: int = 16, max_new_tokens: int = 8) -> dict[str, float]:
+    """Counting-bias statistics of `module` (an `MLLMModule` with a built model) on `samples`.
+
+    Returns mean and std over samples of number_mass, max_number_prob and max_number_logit, and n.
+    """
+    if not samples:
+        raise ValueError("probe needs at least one sample")
+    tok = module.processor.tokenizer
+    number_ids = torch.tensor(number_token_ids(tok), device=module.device)
+    if number_ids.numel() == 0:
+        raise ValueError("the tokenizer has no number tokens; the counting-bias probe is undefined")
+    encoder = Encoder(module.family, module.processor, max_length=10**9)
+    was_training = module.model.training
+    module.model.eval()
+    rows = []
+    try:
+        for start in range(0, len(samples), batch_size):
+            items = [encoder.encode_prompt(s) for s in samples[start : start + batch_size]]
+            batch = encoder.collate(items, padding_side="left")
+            batch = {k: (v.to(module.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            rows += _batch_stats(module, batch, number_ids, max_new_tokens)
+    finally:
+        module.model.train(was_training)
+    out: dict[str, float] = {"n": float(len(rows))}
+    for key in rows[0]:
+        values = torch.tensor([r[key] for r in rows], dtype=torch.float64)
+        out[key], out[f"{key}_std"] = float(values.mean()), float(values.std(unbiased=False))
+    return out

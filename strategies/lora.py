@@ -1,0 +1,106 @@
+"""LoRA adapters (Hu et al. 2022) on the modules a recipe selects, merged after every task.
+
+    W' = W + (α / r) · B A,    A ∈ R^{r×in} (Kaiming init), B ∈ R^{out×r} (zeros)
+
+Li et al. use rank 8; LMM_CL uses r 256, α 32, LR 5e-5. Targets are chosen with the recipes'
+family-aware canonical patterns (``llm.layers.N.self_attn.q_proj.weight``...), and the exact list of
+real module names is passed to peft as `target_modules`, so CLIP's ``self_attn.q_proj`` or
+Qwen2.5-VL's ``visual.blocks.N.mlp.gate_proj`` are never wrapped (plain peft suffix matching would).
+
+Adapters are injected in place (`peft.inject_adapter_in_model`): `module.model` stays the HF model
+and real names only gain ``.lora_A.default.weight`` / ``.lora_B.default.weight``. Only the adapters
+train. At each task end B·A is added into W and the adapters are re-initialised in place (same
+parameter objects, so the optimizer keeps them), so evaluation and the next task see plain merged
+weights (B = 0 adds exactly nothing). The merged W are frozen and thus dropped from checkpoints by
+`mllm_cl.checkpointing`, so this strategy's state carries them.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+
+from mllm_cl.errors import ConfigError
+from strategies.base import Strategy
+
+
+class LoRA(Strategy):
+    """Low-rank adapters on the Linear layers matched by canonical-name patterns.
+
+    Args:
+        r: adapter rank.
+        alpha: scaling numerator (the update is alpha / r · B A).
+        dropout: dropout on the adapter input.
+        patterns: regexes over canonical weight names (default: the recipe's patterns, e.g. SAProj's).
+        seed: seed of the fresh adapters drawn after each merge.
+    """
+
+    def __init__(
+        self,
+        r: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        patterns: list[str] | None = None,
+        seed: int = 0,
+    ):
+        if r < 1:
+            raise ConfigError(f"LoRA(r={r}): r must be >= 1")
+        self.r, self.alpha, self.dropout, self.patterns, self.seed = r, alpha, dropout, patterns, seed
+        self.model = None
+        self.merged: dict[str, torch.Tensor] = {}  # real weight name -> merged base weight
+
+    def targets(self, module) -> list[str]:
+        """Real names of the nn.Linear modules whose canonical weight name matches the patterns."""
+        patterns = self.patterns if self.patterns is not None else list(module.recipe.patterns)
+        names = module.canonical_names()
+        linears = {n for n, m in module.model.named_modules() if isinstance(m, torch.nn.Linear)}
+        found = [
+            real[: -len(".weight")]
+            for real in names
+            if real.endswith(".weight")
+            and real[: -len(".weight")] in linears
+            and any(re.search(p, names[real]) for p in patterns)
+        ]
+        if not found:
+            raise ConfigError(f"LoRA: patterns {patterns} match no Linear weight of {module.family.name}")
+        return found
+
+    def setup(self, module) -> None:
+        targets = self.targets(module)
+        config = LoraConfig(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets
+        )
+        inject_adapter_in_model(config, module.model)
+        for name, p in module.model.named_parameters():
+            p.requires_grad_(".lora_" in name)
+        if hasattr(module, "_canonical"):
+            del module._canonical  # new lora_ parameters: recompute canonical names
+        self.model = module.model
+
+    def layers(self) -> dict[str, LoraLayer]:
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, LoraLayer)}
+
+    def on_task_end(self, module, task: int) -> None:
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(self.seed * 1000 + task)  # same fresh adapters on every rank
+            for name, layer in self.layers().items():
+                base = layer.get_base_layer().weight
+                base.add_(layer.get_delta_weight("default").to(base.dtype))
+                layer.reset_lora_parameters("default", True)
+                self.merged[f"{name}.base_layer.weight"] = base
+
+    def state_dict(self) -> dict:
+        return {"merged": {n: w.detach().clone() for n, w in self.merged.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        merged = state.get("merged", {})
+        if merged and self.model is None:
+            raise ConfigError("LoRA: checkpoint has merged weights but the model is not built yet")
+        params = dict(self.model.named_parameters()) if self.model is not None else {}
+        with torch.no_grad():
+            for name, weight in merged.items():
+                params[name].copy_(weight)
+                self.merged[name] = params[name]

@@ -1,0 +1,309 @@
+"""Bad input through the real CLI: exit code 2, one last stderr line naming the file / key and the
+fix, no traceback, and what the run directory held before the error left intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from mllm_cl.cli import main
+
+RESULTS_BEFORE = '{"from": "an earlier run"}\n'
+
+
+def write_record_file(folder: Path, records, name: str = "train.json", image: bool = True) -> Path:
+    if image:
+        Image.new("RGB", (32, 32), (200, 30, 30)).save(folder / "red.png")
+    path = folder / name
+    if name.endswith(".jsonl"):
+        path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
+    else:
+        path.write_text(records if isinstance(records, str) else json.dumps(records))
+    return path
+
+
+def record(i: int = 0, image: str | None = "red.png", question: str = "<image>\nWhat colour?", answer="red"):
+    turns = [{"from": "human", "value": question}]
+    if answer is not None:
+        turns.append({"from": "gpt", "value": answer})
+    rec = {"id": f"s{i}", "conversations": turns}
+    if image:
+        rec["image"] = image
+    return rec
+
+
+def config(tmp: Path, train: dict, **over) -> Path:
+    """A one-task stream on a tiny LLaVA whose run directory is tmp/runs/bad/fixed."""
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp / "runs"), "name": "bad", "version": "fixed"},
+            },
+        },
+        "model": {"family": "llava", "recipe": {"class_path": "SAProj"}, "max_new_tokens": 2},
+        "data": {
+            "batch_size": 2,
+            "eval_batch_size": 4,
+            "tasks": [{"name": "t", "train": train, "steps": 2}],
+        },
+    }
+    for key, value in over.items():
+        section, name = key.split("__")
+        cfg[section][name] = value
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def llava_json(path: Path, **kw) -> dict:
+    return {"class_path": "LlavaJson", "init_args": {"path": str(path), **kw}}
+
+
+def earlier_run_dir(tmp: Path) -> Path:
+    run = tmp / "runs" / "bad" / "fixed"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(RESULTS_BEFORE)
+    return run
+
+
+def run_cli(capsys, args: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: "), last
+    return last
+
+
+def expect_error(tmp_path, capsys, cfg: Path, *must_contain: str, extra=(), in_training=False) -> str:
+    """Errors found before training leave an earlier run's results.json byte-identical; errors
+    found while training leave the rows this run already wrote (the base row) whole."""
+    run = earlier_run_dir(tmp_path)
+    last = run_cli(capsys, ["fit", "--config", str(cfg), *extra])
+    for text in must_contain:
+        assert text in last, last
+    if in_training:
+        assert json.loads((run / "results.json").read_text())["row_labels"] == ["base"]
+    else:
+        assert (run / "results.json").read_text() == RESULTS_BEFORE
+    return last
+
+
+def test_missing_image(tmp_path, capsys):
+    data = write_record_file(tmp_path, [record(image="nowhere.png")])
+    expect_error(tmp_path, capsys, config(tmp_path, llava_json(data)), "train.json record 0", "nowhere.png")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_truncated_png_is_named_even_from_a_worker(tmp_path, capsys, workers):
+    records = [record(i) for i in range(4)]
+    records[1]["image"] = "cut.png"
+    data = write_record_file(tmp_path, records)
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(tmp_path / "whole.png")
+    blob = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(blob[: len(blob) // 2])  # header fine: PIL fails only on load
+    cfg = config(tmp_path, llava_json(data), data__num_workers=workers)
+    expect_error(tmp_path, capsys, cfg, "cut.png", "record 1", in_training=True)
+
+
+def test_malformed_jsonl_line(tmp_path, capsys):
+    data = write_record_file(
+        tmp_path, [record(0), '{"id": "s1", "conversations": [', record(2)], "train.jsonl"
+    )
+    expect_error(tmp_path, capsys, config(tmp_path, llava_json(data)), "train.jsonl:2", "malformed JSON")
+
+
+def test_conversation_without_answer(tmp_path, capsys):
+    data = write_record_file(tmp_path, [record(0), record(1, answer=None)])
+    expect_error(tmp_path, capsys, config(tmp_path, llava_json(data)), "train.json record 1", "no answer")
+
+
+def test_wrong_number_of_image_placeholders(tmp_path, capsys):
+    data = write_record_file(tmp_path, [record(0, question="<image>\n<image>\nWhat colour?")] * 2)
+    expect_error(
+        tmp_path,
+        capsys,
+        config(tmp_path, llava_json(data)),
+        "'s0'",
+        "2 <image> placeholders",
+        in_training=True,
+    )
+
+
+def test_overlength_error_names_the_sample(tmp_path, capsys):
+    data = write_record_file(tmp_path, [record(0), record(1)])
+    cfg = config(tmp_path, llava_json(data), data__max_length=8, data__overlength="error")
+    expect_error(tmp_path, capsys, cfg, "'s0'", "max_length=8", in_training=True)
+
+
+def test_empty_task(tmp_path, capsys):
+    data = write_record_file(tmp_path, [], image=False)
+    expect_error(tmp_path, capsys, config(tmp_path, llava_json(data)), "data.tasks[0].train", "no samples")
+
+
+def test_recipe_matching_nothing(tmp_path, capsys):
+    data = write_record_file(tmp_path, [record(0)])
+    cfg = config(tmp_path, llava_json(data))
+    extra = ["--model.recipe", "Patterns", "--model.recipe.init_args.patterns", "[nothing\\.here]"]
+    expect_error(tmp_path, capsys, cfg, "model.recipe Patterns", "matches no parameter", extra=extra)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        (["--model.recipe", "NoSuchRecipe"], "model.recipe"),
+        (["--model.recipe", "SAProj", "--model.recipe.init_args.patterns_", "[x]"], "patterns_"),
+        (["--data.batch_sise", "2"], "batch_sise"),
+    ],
+)
+def test_yaml_mistakes_name_the_key(tmp_path, capsys, override, key):
+    data = write_record_file(tmp_path, [record(0)])
+    last = expect_error(tmp_path, capsys, config(tmp_path, llava_json(data)), key, extra=override)
+    assert len(last) < 400
+
+
+def test_nonfinite_loss_stops_with_task_and_step(tmp_path, capsys):
+    data = write_record_file(tmp_path, [record(i) for i in range(4)])
+    cfg = config(tmp_path, llava_json(data), model__lr=1.0e30, model__recipe={"class_path": "Full"})
+    last = run_cli(capsys, ["fit", "--config", str(cfg)])
+    assert "task 0 (t) step" in last and "model.nonfinite_loss" in last, last
+    results = json.loads((tmp_path / "runs" / "bad" / "fixed" / "results.json").read_text())
+    assert results["row_labels"] == ["base"]  # written before the error, still whole
+
+
+def test_nonfinite_loss_skip_counts_batches(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = write_record_file(tmp_path, [record(i) for i in range(4)])
+    cfg = config(
+        tmp_path,
+        llava_json(data),
+        model__lr=1.0e30,
+        model__recipe={"class_path": "Full"},
+        model__nonfinite_loss="skip",
+        trainer__log_every_n_steps=1,
+    )
+    main(["fit", "--config", str(cfg)])
+    events = EventAccumulator(str(tmp_path / "runs" / "bad" / "fixed"))
+    events.Reload()
+    counts = [s.value for s in events.Scalars("train/nonfinite_skipped")]
+    assert counts and counts[-1] >= 1
+
+
+def test_garbage_checkpoint(tmp_path, capsys):
+    data = write_record_file(tmp_path, [record(0)])
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(os.urandom(2048))
+    cfg = config(tmp_path, llava_json(data))
+    expect_error(
+        tmp_path,
+        capsys,
+        cfg,
+        "--ckpt_path",
+        "garbage.ckpt",
+        "not a loadable checkpoint",
+        extra=["--ckpt_path", str(garbage)],
+    )
+
+
+def test_checkpoint_of_another_recipe(tmp_path, capsys):
+    data = write_record_file(tmp_path, [record(i) for i in range(4)])
+    first = tmp_path / "first"
+    first.mkdir()
+    main(["fit", "--config", str(config(first, llava_json(data), model__recipe={"class_path": "Full"}))])
+    (ckpt,) = (first / "runs" / "bad" / "fixed" / "checkpoints").glob("*.ckpt")
+    assert torch.load(ckpt, weights_only=True)["mllm_cl_ckpt"]["recipe"] == "Full"
+    expect_error(
+        tmp_path,
+        capsys,
+        config(tmp_path, llava_json(data)),
+        "recipe Full",
+        "SAProj",
+        extra=["--ckpt_path", str(ckpt)],
+    )
+
+
+def test_unwritable_run_directory(tmp_path, capsys):
+    data = write_record_file(tmp_path, [record(0)])
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    cfg = config(tmp_path, llava_json(data))
+    last = run_cli(
+        capsys, ["fit", "--config", str(cfg), "--trainer.logger.init_args.save_dir", str(blocker / "runs")]
+    )
+    assert "trainer.logger.init_args.save_dir" in last and "a_file" in last, last
+    assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("policy", ["skip", "truncate"])
+def test_overlength_is_counted_never_silent(tmp_path, capsys, policy):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mllm_cl.data.collate import Encoder
+    from mllm_cl.data.sources import LlavaJson
+    from mllm_cl.families import get_family
+
+    long_turns = [
+        {"from": "human", "value": "<image>\nWhat colour?"},
+        {"from": "gpt", "value": "red"},
+        {"from": "human", "value": " ".join(["what colour is the square"] * 12) + "?"},
+        {"from": "gpt", "value": "red"},
+    ]
+    records = [
+        record(0),
+        {"id": "long", "image": "red.png", "conversations": long_turns},
+        record(2),
+        record(3),
+    ]
+    data = write_record_file(tmp_path, records)
+    family = get_family("llava")
+    encoder = Encoder(family, family.tiny_processor("tiny"))
+    table = LlavaJson(str(data)).load()
+    lengths = [encoder.encode_train(table[i])["input_ids"].shape[1] for i in range(len(table))]
+    limit = max(lengths[0], lengths[2], lengths[3]) + 2
+    assert lengths[1] > limit + 10  # only the long sample is over the limit
+    cfg = config(
+        tmp_path,
+        llava_json(data),
+        data__max_length=limit,
+        data__overlength=policy,
+        data__batch_size=4,
+        trainer__log_every_n_steps=1,
+    )
+    main(["fit", "--config", str(cfg)])
+    out = capsys.readouterr().out
+    events = EventAccumulator(str(tmp_path / "runs" / "bad" / "fixed"))
+    events.Reload()
+    key = "skipped" if policy == "skip" else "truncated"
+    counts = [s.value for s in events.Scalars(f"train/{key}_samples")]
+    assert counts[-1] == 2  # the long sample, once in each of the task's 2 batches of 4
+    (line,) = [x for x in out.splitlines() if "for data.max_length" in x]
+    want = "2 samples skipped and 0 truncated" if policy == "skip" else "0 samples skipped and 2 truncated"
+    assert want in line and "task 0 (t)" in line
+
+
+@pytest.mark.parametrize(
+    ("mistake", "key", "what"),
+    [
+        ({"class_path": "Synthetik", "init_args": {"skill": "colour", "n": 4}}, "data.tasks", "Synthetik"),
+        ({"class_path": "Synthetic", "init_args": {"skil": "colour", "n": 4}}, "data.tasks", "skil"),
+    ],
+)
+def test_yaml_class_path_and_init_arg_typos(tmp_path, capsys, mistake, key, what):
+    last = expect_error(tmp_path, capsys, config(tmp_path, mistake), key, what)
+    assert len(last) < 400

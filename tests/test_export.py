@@ -1,0 +1,119 @@
+"""`python -m mllm_cl export` writes a standard Hugging Face checkpoint that the stock classes load
+and that gives the same logits as our module on the same batch."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+
+from mllm_cl.cli import main
+from mllm_cl.data.collate import Encoder
+from mllm_cl.export import load_trained
+from mllm_cl.families import Qwen25VLImageOnlyProcessor, get_family
+
+CLASSES = {"llava": LlavaForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
+
+
+def synthetic(skill: str, seed: int) -> dict:
+    return {"class_path": "Synthetic", "init_args": {"skill": skill, "n": 8, "seed": seed, "image_size": 32}}
+
+
+@pytest.fixture(params=["llava", "qwen2_5_vl"])
+def trained(request, tmp_path):
+    """(family, config path, last.ckpt) of a two-task SAProj run."""
+    family = request.param
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp_path / "runs"), "name": "x", "version": "v"},
+            },
+        },
+        "model": {"family": family, "recipe": {"class_path": "SAProj"}, "lr": 1e-2, "max_new_tokens": 2},
+        "data": {
+            "batch_size": 4,
+            "tasks": [
+                {"name": "a", "train": synthetic("colour", 1), "steps": 3},
+                {"name": "b", "train": synthetic("shape", 2), "steps": 3},
+            ],
+        },
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    main(["fit", "--config", str(path)])
+    return family, path, tmp_path / "runs" / "x" / "v" / "checkpoints" / "last.ckpt"
+
+
+def test_export_loads_in_transformers_with_identical_logits(trained, tmp_path):
+    family, config, ckpt = trained
+    out = tmp_path / "hf"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--config", str(config), "--ckpt_path", str(ckpt), "--out", str(out)])
+    assert exit_info.value.code == 0
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+
+    module = load_trained(str(config), str(ckpt))
+    module.model.eval()
+    trained_w = dict(module.model.named_parameters())
+    initial, _ = get_family(family).build_tiny("tiny")
+    changed = [n for n, p in initial.named_parameters() if not torch.equal(p, trained_w[n])]
+    assert changed and all("self_attn" in n for n in changed)  # the checkpoint's trained weights were used
+
+    model = CLASSES[family].from_pretrained(out).eval()
+    processor_cls = Qwen25VLImageOnlyProcessor if family == "qwen2_5_vl" else None
+    processor = get_family(family).load_processor(str(out))
+    if processor_cls:
+        assert isinstance(processor, processor_cls)
+    assert processor.chat_template  # a Jinja template equivalent to Family.render
+
+    sample = {
+        "id": "x",
+        "images": [Image.new("RGB", (32, 32), (10, 200, 30))],
+        "messages": [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "green"}],
+    }
+    encoder = Encoder(module.family, module.processor)
+    batch = encoder.collate([encoder.encode_train(sample)])
+    batch.pop("skipped")
+    with torch.no_grad():
+        ours = module.model(**batch).logits
+        theirs = model(**batch).logits
+    assert torch.equal(ours, theirs)
+
+    # The exported chat template renders what Family.render renders (the training format).
+    rendered = module.family.render(
+        [{"role": "user", "content": module.family.image_placeholder + "\nWhat colour?"}],
+        add_generation_prompt=True,
+    ).text
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
+    assert processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == rendered
+
+
+def test_export_refuses_a_garbage_checkpoint(trained, tmp_path, capsys):
+    _, config, _ = trained
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(os.urandom(1000))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--config", str(config), "--ckpt_path", str(bad), "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "bad.ckpt" in err[-1] and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_safetensors_only_holds_tensors(trained, tmp_path):
+    family, config, ckpt = trained
+    out = tmp_path / "hf2"
+    with pytest.raises(SystemExit):
+        main(["export", "--config", str(config), "--ckpt_path", str(ckpt), "--out", str(out)])
+    weights = load_file(out / "model.safetensors")
+    assert len(weights) > 10 and all(isinstance(v, torch.Tensor) for v in weights.values())

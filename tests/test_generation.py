@@ -1,0 +1,106 @@
+"""Batched greedy generation equals batch-1 generation on both families; stop strings; EMT labels.
+
+Prompts differ a lot in length (a 1-turn and a 3-turn conversation) and in image size (Qwen2.5-VL
+then gets a different number of image tokens), so left padding, the attention mask and the (M-)RoPE
+positions all matter. Token ids are compared in float32 with SDPA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from mllm_cl.data.collate import Encoder
+from mllm_cl.generation import cut_at_stop, generate, generate_ids, prompt_labels
+from mllm_cl.metrics import build_metric
+
+N = 8
+
+
+def _samples(n: int = N) -> list[dict]:
+    out = []
+    for i in range(n):
+        image = Image.new("RGB", (32 + 16 * (i % 3), 32 + 16 * (i % 2)), ((60 * i) % 255, 90, 200 - 12 * i))
+        if i % 2 == 0:
+            messages = [{"role": "user", "content": "<image>\nHow many squares are in the image?"}]
+        else:
+            messages = [
+                {"role": "user", "content": "<image>\nWhat colour is the square?"},
+                {"role": "assistant", "content": "red"},
+                {"role": "user", "content": "How many circles are there in this picture?"},
+                {"role": "assistant", "content": "three"},
+                {"role": "user", "content": "Which shape is left?"},
+            ]
+        out.append({"id": str(i), "messages": messages, "images": [image], "answers": ["red"]})
+    return out
+
+
+def _new_ids(family, model, processor, samples, padding_side="left") -> list[list[int]]:
+    enc = Encoder(family, processor)
+    batch = enc.collate([enc.encode_prompt(s) for s in samples], padding_side=padding_side)
+    with torch.no_grad():
+        out = generate_ids(model, processor.tokenizer, family.end_of_turn, batch, max_new_tokens=10)
+    new = out[:, batch["input_ids"].shape[1] :]
+    return [row[row != processor.tokenizer.pad_token_id].tolist() for row in new]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_batched_equals_batch_one(tiny, batch_size):
+    family, model, processor = tiny
+    model.eval()
+    samples = _samples()
+    one = [_new_ids(family, model, processor, [s])[0] for s in samples]
+    batched = []
+    for start in range(0, N, batch_size):
+        batched += _new_ids(family, model, processor, samples[start : start + batch_size])
+    assert batched == one
+    # The prompts really differ: random tiny models still answer them differently.
+    assert len({tuple(x) for x in one}) > 1
+
+
+def test_right_padding_would_differ(tiny):
+    """Control: the comparison above can fail (right padding puts pads between prompt and answer)."""
+    family, model, processor = tiny
+    model.eval()
+    samples = _samples()
+    one = [_new_ids(family, model, processor, [s])[0] for s in samples]
+    assert _new_ids(family, model, processor, samples, padding_side="right") != one
+
+
+def test_stop_strings_cut_and_stop_early(tiny_llava):
+    from mllm_cl.families import get_family
+
+    family = get_family("llava")
+    model, processor = tiny_llava
+    model.eval()
+    enc = Encoder(family, processor)
+    batch = enc.collate([enc.encode_prompt(s) for s in _samples(2)], padding_side="left")
+    free = generate(model, processor.tokenizer, family.end_of_turn, batch, 12)
+    words = free[0].split()
+    assert len(words) >= 3, free  # the random model rambles, so there is something to stop on
+    stop = words[1]
+    cut = generate(model, processor.tokenizer, family.end_of_turn, batch, 12, stop=[stop])
+    assert cut[0] == cut_at_stop(free[0], [stop]).strip()
+    assert stop not in cut[0]
+    ids = generate_ids(model, processor.tokenizer, family.end_of_turn, batch, 12, stop=[stop])
+    assert ids.shape[1] - batch["input_ids"].shape[1] < 12 or stop in free[1]  # ended early
+
+
+def test_cut_at_stop():
+    assert cut_at_stop("two. Because", [".", "\n"]) == "two"
+    assert cut_at_stop("a\nb.c", [".", "\n"]) == "a"
+    assert cut_at_stop("none here", ["###"]) == "none here"
+    assert cut_at_stop("x", None) == "x"
+
+
+def test_emt_labels_from_prompt_score_per_sample():
+    q = "Which shape is this? Choose one of: circle, square, triangle."
+    sample = {"messages": [{"role": "user", "content": "<image>\n" + q}]}
+    labels = prompt_labels(sample)
+    assert labels == ["circle", "square", "triangle"]
+    assert prompt_labels({"labels": ["a", "b"], "messages": []}) == ["a", "b"]
+    metric = build_metric("emt")
+    # "The square is 8." names one label -> correct; naming two labels is unmatched -> wrong.
+    metric.update(["The square is 8.", "square or circle"], [["square"], ["square"]], labels=[labels, labels])
+    assert float(metric.compute()) == pytest.approx(0.5)

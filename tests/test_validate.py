@@ -1,0 +1,135 @@
+"""`validate` / `test` subcommands: score a stream's eval sets from a fit checkpoint or an exported HF dir."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mllm_cl.cli import main
+
+SOURCES = [
+    {
+        "class_path": "Synthetic",
+        "init_args": {"skill": s, "n": 6, "seed": 11 + i, "image_size": 32, "object_size": [0.5, 0.9]},
+    }
+    for i, s in enumerate(("colour", "shape"))
+]
+
+
+def _config(out: Path) -> Path:
+    """One memorisation task (eval = train) so the trained model scores far above the untrained one."""
+    mix = {"class_path": "Mix", "init_args": {"sources": SOURCES}}
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "enable_progress_bar": False,
+            "default_root_dir": str(out),
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(out / "runs"), "name": "v"},
+            },
+            "callbacks": [
+                {
+                    "class_path": "mllm_cl.export.ExportHF",
+                    "init_args": {"dirpath": str(out / "hf"), "last_only": True},
+                }
+            ],
+        },
+        "model": {
+            "family": "llava",
+            "tiny": "tiny",
+            "recipe": {"class_path": "Full"},
+            "lr": 3e-3,
+            "warmup_ratio": 0.1,
+            "max_new_tokens": 3,
+        },
+        "data": {
+            "batch_size": 8,
+            "eval_batch_size": 5,
+            "tasks": [{"name": "mix", "train": mix, "eval": mix, "steps": 120}],
+            "heldout": [{"name": "colour", "data": SOURCES[0], "image_domain": "ood"}],
+        },
+    }
+    path = out / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("validate")
+    config = _config(out)
+    main(["fit", "--config", str(config)])
+    (run,) = list((out / "runs" / "v").glob("version_*"))
+    return config, out, run, json.loads((run / "results.json").read_text())
+
+
+def _evaluate(command: str, config: Path, *extra: str) -> tuple[dict, Path]:
+    before = set(config.parent.glob("runs/v/version_*"))
+    main([command, "--config", str(config), *extra])
+    (run,) = set(config.parent.glob("runs/v/version_*")) - before
+    return json.loads((run / f"eval_{command}.json").read_text()), run
+
+
+def test_validate_from_checkpoint_matches_fit(fitted):
+    config, _, run, results = fitted
+    last = dict(zip(results["columns"], results["matrix"][-1], strict=True))
+    base = dict(zip(results["columns"], results["matrix"][0], strict=True))
+    assert last["mix"] > base["mix"], results["matrix"]
+    record, eval_run = _evaluate("validate", config, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
+    assert record["stage"] == "validate" and record["ckpt_path"].endswith("last.ckpt")
+    assert record["accuracy"] == pytest.approx(last)
+    assert record["domains"]["colour"] == {"image": "ood", "text": "id"}
+    events = EventAccumulator(str(eval_run))
+    events.Reload()
+    assert {"eval/mix", "eval/colour"} <= set(events.Tags()["scalars"])
+    assert events.Scalars("eval/mix")[-1].value == pytest.approx(last["mix"])
+
+
+def test_untrained_model_scores_the_base_row(fitted):
+    config, _, _, results = fitted
+    record, _ = _evaluate("test", config)
+    assert record["stage"] == "test"
+    assert record["accuracy"] == pytest.approx(
+        dict(zip(results["columns"], results["matrix"][0], strict=True))
+    )
+
+
+def test_validate_exported_hf_dir(fitted):
+    config, out, _, results = fitted
+    assert (out / "hf" / "config.json").exists()
+    record, _ = _evaluate("validate", config, "--model.pretrained", str(out / "hf"))
+    assert record["pretrained"] == str(out / "hf")
+    assert record["accuracy"] == pytest.approx(
+        dict(zip(results["columns"], results["matrix"][-1], strict=True))
+    )
+
+
+def test_metric_args_reach_the_metric_and_bad_ones_fail_in_one_line(tmp_path):
+    import lightning as L
+
+    from mllm_cl.data import Synthetic, TaskStream
+    from mllm_cl.data.stream import EvalSet, Task
+    from mllm_cl.errors import ConfigError
+    from mllm_cl.module import MLLMModule
+
+    def validate(metric_args):
+        data = Synthetic("classify", n=2, seed=1, image_size=32)
+        stream = TaskStream(
+            tasks=[Task("t", train=data)],
+            heldout=[EvalSet("cls", data, metric="emt", metric_args=metric_args, max_new_tokens=2)],
+        )
+        trainer = L.Trainer(
+            accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path)
+        )
+        return trainer.validate(MLLMModule(tiny="tiny"), datamodule=stream, verbose=False)
+
+    assert 0.0 <= validate({"labels": ["circle", "square", "triangle"]})[0]["eval/cls"] <= 1.0
+    with pytest.raises(ConfigError, match="eval set 'cls': metric 'emt' with metric_args .*nonsense"):
+        validate({"nonsense": 1})
