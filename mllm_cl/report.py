@@ -159,7 +159,8 @@ def compare(run_dirs: list[str], names: list[str] | None = None) -> str:
     for name, run_dir, (res, raw) in zip(names, run_dirs, loaded, strict=True):
         parts += [f"## {name}", f"`{run_dir}` — tasks: {', '.join(res.tasks)}", matrix_markdown(res)]
         quads = quadrants(raw)
-        if quads:
+        filled = quads and sum(bool(c) for c in quadrant_columns(res.columns, raw["domains"]).values())
+        if filled and filled > 1:  # a stream whose sets are all in one quadrant has no 2x2 to show
             header = [quadrant_name(*q) for q in QUADRANTS]
             body = [[q["label"], *(fmt_pp(q[h]) for h in header)] for q in quads]
             parts += [f"### {name}: ID / OOD (image x text)", _table(["after", *header], body)]
