@@ -80,7 +80,9 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": True},
         )
     except (MllmClError, ArgumentError) as err:
-        print(f"error: {one_line(err) if isinstance(err, MllmClError) else argument_line(err)}", file=sys.stderr)
+        print(
+            f"error: {one_line(err) if isinstance(err, MllmClError) else argument_line(err)}", file=sys.stderr
+        )
         sys.exit(2)
 
 

@@ -40,8 +40,15 @@ def _wait(procs: list[subprocess.Popen]) -> None:
 
 
 # (config name, table label); the first two always run, the rest with --strategies.
-_DEMOS = [("full", "Full"), ("saproj", "SA Proj"), ("gateup", "MLP Gate&Up"), ("lwf", "Full + LwF"),
-          ("wiseft", "Full + WiSE-FT"), ("hybrid", "Full + hybrid 25%"), ("replay", "Full + replay 25%")]
+_DEMOS = [
+    ("full", "Full"),
+    ("saproj", "SA Proj"),
+    ("gateup", "MLP Gate&Up"),
+    ("lwf", "Full + LwF"),
+    ("wiseft", "Full + WiSE-FT"),
+    ("hybrid", "Full + hybrid 25%"),
+    ("replay", "Full + replay 25%"),
+]
 
 
 def main(argv: list[str] | None = None) -> None:

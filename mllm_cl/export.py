@@ -7,6 +7,7 @@ What users hand to vLLM or lmms-eval; `LlavaForConditionalGeneration.from_pretra
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 
@@ -41,8 +42,28 @@ CHAT_TEMPLATES = {
 }
 
 
+def plain_model(model):
+    """`model` itself, or a copy with every LoRA layer merged into its base Linear and unwrapped.
+
+    In-place LoRA (strategies/lora.py) renames weights to ``*.base_layer.weight`` and adds
+    ``lora_A/lora_B``; a standard checkpoint must hold plain ``*.weight`` with the update merged.
+    The live model is left untouched so training (e.g. the ExportHF callback mid-stream) goes on.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    if not any(isinstance(m, LoraLayer) for m in model.modules()):
+        return model
+    model = copy.deepcopy(model)
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]:
+        layer.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer.get_base_layer())
+    return model
+
+
 def export_hf(model, processor, out_dir: str, family: str | None = None) -> str:
-    """Write `model` and `processor` to `out_dir` in the Hugging Face layout; returns out_dir."""
+    """Write `model` (LoRA merged) and `processor` to `out_dir` in the Hugging Face layout."""
+    model = plain_model(model)
     os.makedirs(out_dir, exist_ok=True)
     if family in CHAT_TEMPLATES and not getattr(processor, "chat_template", None):
         processor.chat_template = CHAT_TEMPLATES[family]

@@ -249,7 +249,9 @@ class MLLMModule(L.LightningModule):
 
     # ---- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, batch: dict, max_new_tokens: int | None = None, stop: list[str] | None = None) -> list[str]:
+    def generate(
+        self, batch: dict, max_new_tokens: int | None = None, stop: list[str] | None = None
+    ) -> list[str]:
         """Greedy answers for a left-padded batch of prompts (same as one at a time: mllm_cl.generation)."""
         return generation.generate(
             self.model,

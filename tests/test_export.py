@@ -117,3 +117,36 @@ def test_safetensors_only_holds_tensors(trained, tmp_path):
         main(["export", "--config", str(config), "--ckpt_path", str(ckpt), "--out", str(out)])
     weights = load_file(out / "model.safetensors")
     assert len(weights) > 10 and all(isinstance(v, torch.Tensor) for v in weights.values())
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_export_merges_lora_into_plain_weights(family, tmp_path):
+    """A LoRA-trained model exports as plain HF weights with the adapter update merged in."""
+    from mllm_cl.export import export_hf
+    from mllm_cl.module import MLLMModule
+    from strategies import LoRA, SAProj
+
+    module = MLLMModule(family=family, tiny="tiny", recipe=SAProj(), strategies=[LoRA(r=4, alpha=8)])
+    module.configure_model()
+    with torch.no_grad():  # a non-zero adapter update, as after some training
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    sample = {
+        "id": "x",
+        "images": [Image.new("RGB", (32, 32), (10, 200, 30))],
+        "messages": [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "green"}],
+    }
+    encoder = Encoder(module.family, module.processor)
+    batch = encoder.collate([encoder.encode_train(sample)])
+    batch.pop("skipped")
+    module.model.eval()
+    with torch.no_grad():
+        ours = module.model(**batch).logits
+    export_hf(module.model, module.processor, str(tmp_path), family)
+    assert any("lora_" in n for n, _ in module.model.named_parameters())  # the live model is untouched
+    exported = CLASSES[family].from_pretrained(tmp_path).eval()
+    assert not any("lora_" in n or "base_layer" in n for n, _ in exported.named_parameters())
+    with torch.no_grad():
+        theirs = exported(**batch).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)

@@ -259,7 +259,11 @@ class TaskStream(L.LightningDataModule):
             table = strategy.train_data(module, index, table)
         num = self.steps_for(index) * self._accumulate() * self.batch_size
         sampler = TaskSampler(
-            len(table), num, self.seed * 1000 + index, self.trainer.global_rank, self.trainer.world_size,
+            len(table),
+            num,
+            self.seed * 1000 + index,
+            self.trainer.global_rank,
+            self.trainer.world_size,
             start=resume_offset(self.trainer) * self.batch_size,
         )
         return DataLoader(
