@@ -60,6 +60,14 @@ class WiSEFT(Callback):
     def trainable(pl_module) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in pl_module.model.named_parameters() if p.requires_grad}
 
+    def on_fit_start(self, trainer, pl_module):
+        # With LoRA the trainable tensors are the adapters A and B: interpolating both scales the
+        # update B·A by about α², not α, so the merge would not be WiSE-FT. Refuse it up front.
+        if any(type(s).__name__ == "LoRA" for s in getattr(pl_module, "strategies", [])):
+            raise ConfigError(
+                "WiSEFT cannot be combined with the LoRA strategy (it would interpolate A and B, not the weights); drop one"
+            )
+
     def on_train_epoch_start(self, trainer, pl_module):
         task = trainer.current_epoch
         if self.started == task:

@@ -138,3 +138,27 @@ def test_state_round_trip_and_bad_input(tmp_path):
         fit(
             WiSEFT(alphas=[0.0, 1.0], criterion="heldout"), tmp_path / "no_heldout"
         )  # stream has no held-out sets
+
+
+def test_wise_ft_refuses_lora(tmp_path):
+    """WiSE-FT over LoRA adapters would scale B·A by ~α², so the combination stops with one line."""
+    import lightning as L
+
+    from mllm_cl.data import Synthetic, Task, TaskStream
+    from mllm_cl.errors import ConfigError
+    from mllm_cl.module import MLLMModule
+    from strategies import LoRA, SAProj, WiSEFT
+
+    data = Synthetic("colour", n=4, seed=1, image_size=32)
+    stream = TaskStream(tasks=[Task("t", train=data, eval=data, steps=1)], batch_size=2)
+    module = MLLMModule(tiny="tiny", recipe=SAProj(), strategies=[LoRA(r=2, alpha=4)])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path),
+        callbacks=[WiSEFT(alpha=0.5)],
+    )
+    with pytest.raises(ConfigError, match="WiSEFT cannot be combined with the LoRA"):
+        trainer.fit(module, datamodule=stream)
