@@ -21,6 +21,7 @@ from mllm_cl.continual import summarize
 from mllm_cl.data import Mix, Synthetic, Task, TaskStream
 from mllm_cl.module import MLLMModule
 from strategies.freeze import Full
+from tests.helpers import quiet_trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "tiny_llava_test.yaml"
@@ -128,15 +129,7 @@ def test_memorises_a_small_task_and_batching_does_not_change_answers(family, tmp
     stream = TaskStream(
         tasks=[Task("mix", train=data(), eval=data(), steps=120)], batch_size=8, eval_batch_size=12
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-    )
+    trainer = quiet_trainer(tmp_path)
     trainer.fit(module, datamodule=stream)
     (base,), (after,) = module.results.rows
     assert trainer.global_step == 120

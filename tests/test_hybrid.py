@@ -15,6 +15,7 @@ from mllm_cl.module import MLLMModule
 from strategies.freeze import SAProj
 from strategies.hybrid import DataHybrid, compose, split_counts
 from strategies.replay import Replay
+from tests.helpers import quiet_trainer
 
 
 def test_compose_counts_are_exact_and_every_window_is_close():
@@ -113,16 +114,7 @@ def fit_with(strategy, tmp_path) -> tuple[TaskStream, L.Trainer, list]:
         eval_limit=2,
     )
     stream.tasks[0].eval = Synthetic("count", n=2, seed=2, image_size=32)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        callbacks=[tables := Tables()],
-    )
+    trainer = quiet_trainer(tmp_path, callbacks=[tables := Tables()])
     trainer.fit(module, datamodule=stream)
     return stream, trainer, tables.tables
 

@@ -17,6 +17,7 @@ from mllm_cl.module import MLLMModule
 from strategies.base import Strategy
 from strategies.freeze import Full, MLPGateUp, SAProj
 from strategies.lora import LoRA
+from tests.helpers import quiet_trainer
 
 FAMILIES = ["llava", "qwen2_5_vl"]
 SA = re.compile(r"^model\.language_model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj$")
@@ -95,16 +96,7 @@ def test_merge_after_each_task_and_checkpoint(tmp_path):
         batch_size=4,
     )
     snap = Snap()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        callbacks=[snap],
-    )
+    trainer = quiet_trainer(tmp_path, callbacks=[snap])
     trainer.fit(module, datamodule=stream)
     for task in range(2):
         for name, (w, a, b, scaling) in snap.before[task].items():

@@ -14,6 +14,7 @@ from mllm_cl.data.collate import Encoder
 from mllm_cl.module import MLLMModule
 from strategies.freeze import SAProj
 from strategies.lwf import LwF, answer_logits
+from tests.helpers import quiet_trainer
 
 FAMILIES = ["llava", "qwen2_5_vl"]
 
@@ -118,15 +119,7 @@ def fit(strategies, tmp_path, steps: int = 3) -> tuple[MLLMModule, L.Trainer]:
         eval_batch_size=16,
         eval_limit=4,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-    )
+    trainer = quiet_trainer(tmp_path)
     trainer.fit(module, datamodule=stream)
     return module, trainer
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import datasets
-import lightning as L
 import pytest
 from PIL import Image
 
 from mllm_cl.data import HFDataset, LlavaJson, Mix, Synthetic, Task, TaskStream
 from mllm_cl.errors import DataError
 from mllm_cl.module import MLLMModule
+from tests.helpers import quiet_trainer
 
 COLOURS = {"red.png": (220, 30, 30), "blue.png": (40, 80, 220)}
 
@@ -230,15 +230,7 @@ def test_task_stream_rejects_empty_task_source(tmp_path):
             Task("nothing", train=LlavaJson(empty)),
         ]
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-    )
+    trainer = quiet_trainer(tmp_path)
     with pytest.raises(DataError) as info:
         trainer.fit(MLLMModule(family="llava"), datamodule=stream)
     message = str(info.value)
