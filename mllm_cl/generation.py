@@ -27,10 +27,11 @@ from collections.abc import Sequence
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from mllm_cl.data.collate import BOOKKEEPING_KEYS
 from mllm_cl.errors import ConfigError
 from mllm_cl.metrics import build_metric
 
-NOT_MODEL_INPUTS = ("labels", "meta", "skipped")
+NOT_MODEL_INPUTS = ("labels", *BOOKKEEPING_KEYS)
 
 
 class StopOnStrings(StoppingCriteria):

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 
 from mllm_cl import checkpointing, generation
+from mllm_cl.data.collate import BOOKKEEPING_KEYS
 from mllm_cl.families import get_family
 from mllm_cl.guards import check_policy, guard_loss, note_length_events, print_length_summary
 from mllm_cl.optim import TaskSchedule, param_groups, reset_optimizer_state
@@ -156,7 +157,7 @@ class MLLMModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def forward(self, batch: dict):
-        return self.model(**{k: v for k, v in batch.items() if k not in ("meta", "skipped", "truncated")})
+        return self.model(**{k: v for k, v in batch.items() if k not in BOOKKEEPING_KEYS})
 
     def training_step(self, batch, batch_idx):
         note_length_events(self, batch)  # train/skipped_samples, train/truncated_samples

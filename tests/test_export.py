@@ -54,6 +54,19 @@ def trained(request, tmp_path):
     return family, path, tmp_path / "runs" / "x" / "v" / "checkpoints" / "last.ckpt"
 
 
+def one_batch(module) -> dict:
+    """A collated one-sample training batch (image + answer) for comparing logits."""
+    sample = {
+        "id": "x",
+        "images": [Image.new("RGB", (32, 32), (10, 200, 30))],
+        "messages": [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "green"}],
+    }
+    encoder = Encoder(module.family, module.processor)
+    batch = encoder.collate([encoder.encode_train(sample)])
+    batch.pop("skipped")
+    return batch
+
+
 def test_export_loads_in_transformers_with_identical_logits(trained, tmp_path):
     family, config, ckpt = trained
     out = tmp_path / "hf"
@@ -76,14 +89,7 @@ def test_export_loads_in_transformers_with_identical_logits(trained, tmp_path):
         assert isinstance(processor, processor_cls)
     assert processor.chat_template  # a Jinja template equivalent to Family.render
 
-    sample = {
-        "id": "x",
-        "images": [Image.new("RGB", (32, 32), (10, 200, 30))],
-        "messages": [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "green"}],
-    }
-    encoder = Encoder(module.family, module.processor)
-    batch = encoder.collate([encoder.encode_train(sample)])
-    batch.pop("skipped")
+    batch = one_batch(module)
     with torch.no_grad():
         ours = module.model(**batch).logits
         theirs = model(**batch).logits
@@ -132,14 +138,7 @@ def test_export_merges_lora_into_plain_weights(family, tmp_path):
         for name, p in module.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    sample = {
-        "id": "x",
-        "images": [Image.new("RGB", (32, 32), (10, 200, 30))],
-        "messages": [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "green"}],
-    }
-    encoder = Encoder(module.family, module.processor)
-    batch = encoder.collate([encoder.encode_train(sample)])
-    batch.pop("skipped")
+    batch = one_batch(module)
     module.model.eval()
     with torch.no_grad():
         ours = module.model(**batch).logits

@@ -17,6 +17,8 @@ from mllm_cl.errors import DataError
 from mllm_cl.families import Family
 
 IGNORE = -100
+# Bookkeeping keys a collated batch may carry besides model inputs (never passed to the model).
+BOOKKEEPING_KEYS = ("meta", "skipped", "truncated")
 # Keys that are stacked / concatenated per batch; everything else the processor returns is ignored.
 _CONCAT_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")
 
