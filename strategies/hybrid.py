@@ -96,6 +96,7 @@ class DataHybrid(Strategy):
         check_ratios("DataHybrid", ratios)
         self.sources, self.ratios, self.seed = sources, list(ratios), seed
         self._tables: list | None = None
+        self._cached: list | None = None
 
     def tables(self) -> list:
         if self._tables is None:  # loaded once, on first use (sources may be large)
@@ -106,6 +107,10 @@ class DataHybrid(Strategy):
         return self._tables
 
     def train_data(self, module, task: int, table: Sequence[dict]) -> Sequence[dict]:
+        if self._cached is None:  # through the stream's processed-data cache when data.cache_processed is on
+            stream = module.trainer.datamodule
+            named = zip(self.sources, self.tables(), strict=True)
+            self._cached = [stream.tokenized(t, f"DataHybrid source {s.describe()}") for s, t in named]
         return compose(
-            [table, *self.tables()], self.ratios, task_samples(module, task), self.seed * 1000 + task
+            [table, *self._cached], self.ratios, task_samples(module, task), self.seed * 1000 + task
         )

@@ -78,12 +78,13 @@ class Replay(Strategy):
 
     # ---- hooks ------------------------------------------------------------------------------
     def on_task_end(self, module, task: int) -> None:
-        self.add_task(task, len(module.trainer.datamodule._train[task]))
+        self.add_task(task, len(module.trainer.datamodule.train_table(task)))
 
     def train_data(self, module, task: int, table: Sequence[dict]) -> Sequence[dict]:
         if not self.buffer:
             return table
-        tables = module.trainer.datamodule._train  # earlier tasks' own tables, loaded by the stream
+        stream = module.trainer.datamodule  # earlier tasks' own tables, loaded (and cached) by the stream
+        tables = [stream.train_table(k) for k in range(len(stream.tasks))]
         memory = Composed(tables, list(self.buffer))
         return compose(
             [table, memory], [self.ratio], task_samples(module, task), self.seed * 1000 + 500 + task

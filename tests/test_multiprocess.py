@@ -53,6 +53,38 @@ class Audit(L.Callback):
         Path(self.out, f"audit_rank{rank}.json").write_text(json.dumps(record))
 
 
+class LwFAudit(L.Callback):
+    """Writes lwf_rank{R}.json: how far LwF's teacher logits are from the student's at the end of training.
+
+    Under FSDP2 a teacher that is silently ignored (its weights replaced by the live shards during the
+    forward) gives a gap of exactly 0; after the teacher pass the student must be bit-identical again.
+
+    Args:
+        out: folder for the per-rank files.
+    """
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module):
+        import torch  # noqa: PLC0415
+
+        stream, lwf = trainer.datamodule, pl_module.strategies[0]
+        batch = stream.encoder.collate(
+            [stream.encoder.encode_train(stream.train_table(0)[i]) for i in range(4)]
+        )
+        inputs = {k: v for k, v in batch.items() if k != "skipped"}
+        with torch.no_grad():
+            student = pl_module.model(**inputs).logits
+            teacher = lwf.teacher_logits(pl_module, inputs)
+            again = pl_module.model(**inputs).logits
+        record = {
+            "gap": float((teacher - student).abs().max()),
+            "restored": bool(torch.equal(student, again)),
+        }
+        Path(self.out, f"lwf_rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
 def run_cli(tmp_path: Path, *extra: str) -> tuple[Path, list[dict]]:
     args = [
         sys.executable, "-m", "mllm_cl", "fit", "--config", str(CONFIG), *extra,
@@ -103,3 +135,18 @@ def test_fsdp2_two_processes(tmp_path):
     # FSDP2 shards each parameter: the optimizer holds DTensor shards of trainable parameters only.
     assert all(a["dtensor"] == a["in_optimizer"] for a in audits)
     assert list((run / "checkpoints").glob("*.ckpt"))
+
+
+@pytest.mark.slow  # ~20 s alone
+def test_lwf_teacher_acts_under_fsdp2(tmp_path):
+    run, audits = run_cli(
+        tmp_path,
+        "--config", str(ROOT / "configs" / "trainer_fsdp_multigpu.yaml"),
+        "--model.strategies+=LwF", "--trainer.callbacks+=tests.test_multiprocess.LwFAudit",
+        f"--trainer.callbacks.out={tmp_path}",
+    )  # fmt: skip
+    check_run(run, audits)
+    for rank in (0, 1):
+        lwf = json.loads((tmp_path / f"lwf_rank{rank}.json").read_text())
+        assert lwf["gap"] > 1e-4  # the teacher (start of task 2) is not the trained student
+        assert lwf["restored"]  # the student's weights are back, bit for bit, after the teacher pass

@@ -9,6 +9,8 @@ by turn, as LLaVA's train.py does) avoids the off-by-one label shifts of per-tur
 
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +84,8 @@ class Encoder:
 
     def encode_train(self, sample: dict) -> dict | None:
         """input_ids / labels / pixel tensors for one sample, or None when skipped for length."""
+        if "_tokens" in sample:  # data.cache_processed: tokens from the cache, only images processed here
+            return self._from_record(sample, sample["_tokens"])
         rendered = self.family.render(prepare_messages(sample, self.family, for_generation=False))
         if not rendered.targets:
             raise DataError(f"sample {sample.get('id')!r} has no assistant answer to train on")
@@ -108,6 +112,48 @@ class Encoder:
         out["input_ids"] = torch.tensor([ids])
         out["labels"] = torch.tensor([labels])
         return out
+
+    def record(self, sample: dict) -> dict:
+        """The compact cacheable form of `encode_train(sample)`: image-token runs collapsed to one id."""
+        out = self.encode_train(sample)
+        if out is None:
+            return {"ids": [], "labels": [], "image_runs": [], "skip": True, "truncated": False}
+        image_id = self.family.image_token_id(self.processor)
+        ids, runs = _collapse(out["input_ids"][0].tolist(), image_id)
+        starts = [0, *itertools.accumulate(runs)][:-1]  # first position of each collapsed run
+        labels = out["labels"][0].tolist()
+        return {
+            "ids": ids,
+            "labels": [labels[i] for i in starts],
+            "image_runs": [n for tok, n in zip(ids, runs, strict=True) if tok == image_id],
+            "skip": False,
+            "truncated": bool(out.get("truncated", 0)),
+        }
+
+    def _from_record(self, sample: dict, record: dict) -> dict | None:
+        if record["skip"]:
+            return None
+        image_id = self.family.image_token_id(self.processor)
+        runs, ids, labels = iter(record["image_runs"]), [], []
+        for tok, label in zip(record["ids"], record["labels"], strict=True):
+            n = next(runs) if tok == image_id else 1
+            ids += [tok] * n
+            labels += [label] * n
+        input_ids = torch.tensor([ids])
+        out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        if "mm_token_type_ids" in self._text_keys:  # Qwen2.5-VL's processor marks image tokens with 1
+            out["mm_token_type_ids"] = (input_ids == image_id).long()
+        if sample.get("images"):
+            out.update(self.processor.image_processor(images=sample["images"], return_tensors="pt"))
+        out["labels"] = torch.tensor([labels])
+        if record["truncated"]:
+            out["truncated"] = 1
+        return out
+
+    @functools.cached_property
+    def _text_keys(self) -> set[str]:
+        """Keys the processor returns for plain text (what a cached record must rebuild)."""
+        return set(self.processor(text=["a"], return_tensors="pt").keys())
 
     def _labels(self, rendered, ids: list[int]) -> list[int]:
         tok = self.processor.tokenizer

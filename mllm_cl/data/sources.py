@@ -13,6 +13,7 @@ Subclass `Source` and implement `load` to add one.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -139,7 +140,13 @@ class LlavaJson(Source):
                     raise DataError(
                         f"{where}: image {full} not found; fix image_folder or the record's 'image'"
                     )
-        return _LlavaTable(records, self.image_folder)
+        table = _LlavaTable(records, self.image_folder)
+        stat = os.stat(self.path)  # key of data.cache_processed: the file's identity and version
+        table.fingerprint = _fingerprint(
+            "llava", os.path.abspath(self.path), stat.st_size, stat.st_mtime_ns,
+            os.path.abspath(self.image_folder), self.limit,
+        )  # fmt: skip
+        return table
 
 
 class _ColumnTable(Sequence):
@@ -231,7 +238,14 @@ class HFDataset(Source):
             )
         if self.limit is not None:
             ds = ds.select(range(min(self.limit, len(ds))))
-        return _ColumnTable(ds, self)
+        return self._table(ds)
+
+    def _table(self, ds) -> _ColumnTable:
+        table = _ColumnTable(ds, self)
+        # `datasets` fingerprints a dataset by its files (or its saved state): the data.cache_processed key.
+        columns = [self.image_column, self.question_column, self.answer_column, self.conversations_column]
+        table.fingerprint = _fingerprint("hf", ds._fingerprint, len(ds), columns)
+        return table
 
 
 class Synthetic(HFDataset):
@@ -273,12 +287,18 @@ class Synthetic(HFDataset):
             )
         except ValueError as err:
             raise DataError(f"Synthetic({self.skill}): {err}") from err
-        return _ColumnTable(ds, self)
+        return self._table(ds)
+
+
+def _fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
 
 
 class _Concat(Sequence):
     def __init__(self, tables: list):
         self.tables = tables
+        prints = [getattr(t, "fingerprint", None) for t in tables]
+        self.fingerprint = None if None in prints else _fingerprint("concat", *prints)
         self.offsets = [0]
         for t in tables:
             self.offsets.append(self.offsets[-1] + len(t))

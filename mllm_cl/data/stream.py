@@ -11,11 +11,13 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mllm_cl.checkpointing import resume_offset
+from mllm_cl.data.cache import cache_root, tokenized
 from mllm_cl.data.collate import Encoder
 from mllm_cl.data.sources import Source
 from mllm_cl.errors import DataError
@@ -166,6 +168,9 @@ class TaskStream(L.LightningDataModule):
         overlength: "skip" (counted), "truncate" or "error" for longer samples.
         eval_limit: evaluate at most this many samples per eval set (None = all).
         seed: seed of the sample order (combined with the task index).
+        cache_processed: keep the tokenised training data in a `datasets` cache, so a second run does
+            not re-tokenise (images are still processed on the fly; see `mllm_cl.data.cache`).
+        cache_dir: folder of that cache (default: $MLLM_CL_CACHE or ~/.cache/mllm_cl).
     """
 
     def __init__(
@@ -179,6 +184,8 @@ class TaskStream(L.LightningDataModule):
         overlength: str = "skip",
         eval_limit: int | None = None,
         seed: int = 0,
+        cache_processed: bool = False,
+        cache_dir: str | None = None,
     ):
         super().__init__()
         if not tasks:
@@ -193,7 +200,9 @@ class TaskStream(L.LightningDataModule):
             eval_limit,
             seed,
         )
+        self.cache_processed, self.cache_dir = cache_processed, cache_dir
         self.encoder: Encoder | None = None
+        self._tokenized = False
         self._train: list | None = None
         self._eval: list | None = None
 
@@ -209,6 +218,12 @@ class TaskStream(L.LightningDataModule):
             ]
         module = self.trainer.lightning_module
         self.encoder = Encoder(module.family, module.processor, self.max_length, self.overlength)
+        if stage == "fit" and self.cache_processed and not self._tokenized:
+            self._train = [
+                self.tokenized(table, f"data.tasks[{i}] ({t.name})")
+                for i, (t, table) in enumerate(zip(self.tasks, self._train, strict=True))
+            ]
+            self._tokenized = True
         if stage == "fit":
             # Epoch i is task i: a fresh train loader each epoch, and the stream's end is the fit's end.
             self.trainer.fit_loop.max_epochs = len(self.tasks)
@@ -239,7 +254,18 @@ class TaskStream(L.LightningDataModule):
     def task_column(self, task_index: int) -> str | None:
         return self.tasks[task_index].name if self.tasks[task_index].eval is not None else None
 
+    def tokenized(self, table, where: str):
+        """`table` reading its tokens from the processed-data cache (itself when caching is off)."""
+        if not self.cache_processed:
+            return table
+        root = Path(self.cache_dir) if self.cache_dir else cache_root()
+        return tokenized(table, self.encoder, root, self.trainer, self.num_workers, where)
+
     # ---- training ---------------------------------------------------------------------------
+    def train_table(self, task_index: int):
+        """The training samples of a task as loaded (before strategies mix anything in)."""
+        return self._train[task_index]
+
     def steps_for(self, task_index: int) -> int:
         """Optimizer steps of a task (what its LR schedule spans)."""
         task = self.tasks[task_index]

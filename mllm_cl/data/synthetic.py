@@ -11,11 +11,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import random
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from mllm_cl.data.cache import cache_root, save_atomically
 
 if TYPE_CHECKING:
     import datasets
@@ -323,20 +322,6 @@ def _cache_folder(
     return root / f"synthetic-{skill}-{style}-{digest}"
 
 
-def _write_atomically(dataset: datasets.Dataset, final: Path) -> None:
-    """Save into a temp dir beside ``final``, then rename it into place in one step."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        dataset.save_to_disk(str(tmp))
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not final.is_dir():  # not a concurrent writer winning the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def synthetic_dataset(
     skill: str,
     n: int,
@@ -369,7 +354,7 @@ def synthetic_dataset(
     import datasets  # deferred: heavy import, not needed by make_samples users
 
     _check_args(skill, style, n, image_size)
-    root = Path(cache_dir or os.environ.get("MLLM_CL_CACHE") or Path.home() / ".cache" / "mllm_cl")
+    root = Path(cache_dir) if cache_dir else cache_root()
     root.mkdir(parents=True, exist_ok=True)
     final = _cache_folder(root, skill, n, seed, image_size, style, object_size)
     if not final.is_dir():
@@ -377,5 +362,5 @@ def synthetic_dataset(
         string = datasets.Value("string")
         features = datasets.Features({c: datasets.Image() if c == "image" else string for c in _COLUMNS})
         columns = {name: [s[name] for s in samples] for name in features}
-        _write_atomically(datasets.Dataset.from_dict(columns, features=features), final)
+        save_atomically(datasets.Dataset.from_dict(columns, features=features), final)
     return datasets.load_from_disk(str(final))

@@ -1,0 +1,185 @@
+"""data.cache_processed: tokenised training data cached with `datasets`, read back without re-tokenising."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from mllm_cl.cli import main
+from mllm_cl.data import LlavaJson, Synthetic
+from mllm_cl.data.cache import tokenized
+from mllm_cl.data.collate import Encoder
+from mllm_cl.errors import DataError
+
+
+def sample(images: int, turns: int = 1) -> dict:
+    messages = []
+    for k in range(turns):
+        messages += [
+            {"role": "user", "content": "<image>\n" * images * (k == 0) + f"What colour is shape {k}?"},
+            {"role": "assistant", "content": "the square is red" if k % 2 else "blue"},
+        ]
+    pics = [Image.new("RGB", (32 + 16 * i, 32), (220, 30 * i, 30)) for i in range(images)]
+    return {"id": "s", "images": pics, "messages": messages, "answers": ["x"]}
+
+
+def assert_same_encoding(got: dict | None, want: dict | None) -> None:
+    if want is None:
+        assert got is None
+        return
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if isinstance(value, torch.Tensor):
+            assert got[key].dtype == value.dtype, key
+            assert torch.equal(got[key], value), key
+        else:
+            assert got[key] == value, key
+
+
+@pytest.mark.parametrize("overlength", ["skip", "truncate"])
+def test_a_record_rebuilds_exactly_what_encoding_gives(tiny, overlength):
+    family, _, processor = tiny
+    full = Encoder(family, processor)
+    cases = [sample(0), sample(1), sample(2, turns=2), sample(1, turns=6)]
+    lengths = [len(full.encode_train(c)["input_ids"][0]) for c in cases]
+    # The longest sample is cut inside its last answer: truncated under "truncate", skipped under "skip".
+    encoder = Encoder(family, processor, max_length=max(lengths) - 2, overlength=overlength)
+    over = [n > max(lengths) - 2 for n in lengths]
+    truncated = 0
+    for case in cases:
+        record = encoder.record(case)
+        want = encoder.encode_train(case)
+        assert_same_encoding(encoder.encode_train({**case, "_tokens": record}), want)
+        truncated += record["truncated"]
+        if case["images"] and not record["skip"]:
+            # Each image's run of tokens is stored as one id plus its length.
+            assert len(record["ids"]) == len(want["input_ids"][0]) - sum(record["image_runs"]) + len(
+                record["image_runs"]
+            )
+            assert len(record["image_runs"]) >= 1 and min(record["image_runs"]) > 1
+    assert sum(over) == 1 and truncated == (overlength == "truncate")
+    assert [encoder.record(c)["skip"] for c in cases] == [o and overlength == "skip" for o in over]
+
+
+def count_label_alignments(monkeypatch) -> list:
+    """Real `Encoder._labels` (the tokenise-and-align step), with a call counter around it."""
+    calls, real = [], Encoder._labels
+
+    def counted(self, *args):
+        calls.append(1)
+        return real(self, *args)
+
+    monkeypatch.setattr(Encoder, "_labels", counted)
+    return calls
+
+
+def test_second_use_reads_the_cache_and_keys_follow_what_tokens_depend_on(tmp_path, monkeypatch, tiny_llava):
+    from mllm_cl.families import get_family
+
+    family, (_, processor) = get_family("llava"), tiny_llava
+    table = Synthetic("colour", n=6, seed=5, image_size=32).load()
+    encoder = Encoder(family, processor, max_length=64, overlength="truncate")
+    calls = count_label_alignments(monkeypatch)
+
+    first = tokenized(table, encoder, tmp_path)
+    assert len(calls) == 6  # built once
+    folders = sorted(p.name for p in tmp_path.iterdir())
+    again = tokenized(table, encoder, tmp_path)
+    assert len(calls) == 6 and sorted(p.name for p in tmp_path.iterdir()) == folders
+    for i in range(6):
+        assert first[i]["_tokens"] == again[i]["_tokens"]
+        assert_same_encoding(
+            encoder.encode_train(again[i]), Encoder(family, processor, 64, "truncate").encode_train(table[i])
+        )
+    assert len(calls) == 6 + 6  # only the reference encodings above aligned labels
+
+    tokenized(table, Encoder(family, processor, max_length=32, overlength="truncate"), tmp_path)
+    other_data = Synthetic("colour", n=6, seed=6, image_size=32).load()
+    tokenized(other_data, encoder, tmp_path)
+    assert len({p.name for p in tmp_path.iterdir()}) == len(folders) + 2
+    assert all(not p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folders left behind
+
+
+def test_an_edited_annotation_file_gets_a_new_cache_entry(tmp_path, tiny_llava):
+    from mllm_cl.families import get_family
+
+    Image.new("RGB", (32, 32), (0, 0, 200)).save(tmp_path / "a.png")
+    path = tmp_path / "train.json"
+    record = {"id": 1, "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
+                                                          {"from": "gpt", "value": "blue"}]}  # fmt: skip
+    path.write_text(json.dumps([record]))
+    encoder = Encoder(get_family("llava"), tiny_llava[1])
+    cache = tmp_path / "cache"
+    before = tokenized(LlavaJson(str(path)).load(), encoder, cache)
+    record["conversations"][1]["value"] = "red"
+    path.write_text(json.dumps([record, record]))
+    after = tokenized(LlavaJson(str(path)).load(), encoder, cache)
+    assert len(list(cache.iterdir())) == 2
+    assert len(after) == 2 and after[0]["_tokens"]["labels"] != before[0]["_tokens"]["labels"]
+
+
+def test_a_table_without_fingerprint_is_encoded_on_the_fly_and_errors_stay_one_line(tmp_path, tiny_llava):
+    from mllm_cl.families import get_family
+
+    encoder = Encoder(get_family("llava"), tiny_llava[1], max_length=8, overlength="error")
+    plain = [sample(1)]
+    assert tokenized(plain, encoder, tmp_path) is plain
+    table = Synthetic("colour", n=3, seed=5, image_size=32).load()
+    with pytest.raises(DataError, match="max_length=8") as err:
+        tokenized(table, encoder, tmp_path, num_workers=1)
+    assert "\n" not in str(err.value) and not any(tmp_path.iterdir())
+
+
+def fit(tmp: Path, name: str, cache: bool) -> dict:
+    task = {"class_path": "Synthetic", "init_args": {"skill": "colour", "n": 8, "seed": 3, "image_size": 32}}
+    hybrid = {"class_path": "DataHybrid",
+              "init_args": {"sources": [{**task, "init_args": {**task["init_args"], "skill": "shape"}}],
+                            "ratios": [0.5]}}  # fmt: skip
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "deterministic": True,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp), "name": name, "version": "v"},
+            },
+        },  # fmt: skip
+        "model": {
+            "family": "llava",
+            "recipe": {"class_path": "Full"},
+            "lr": 3e-3,
+            "max_new_tokens": 2,
+            "strategies": [hybrid],
+        },  # fmt: skip
+        "data": {
+            "batch_size": 4,
+            "cache_processed": cache,
+            "cache_dir": str(tmp / "cache"),
+            "tasks": [{"name": "c", "train": task, "steps": 4}],
+        },  # fmt: skip
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    main(["fit", "--config", str(path)])
+    return torch.load(tmp / name / "v" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+def test_fit_with_the_cache_trains_identically_and_the_second_run_does_not_retokenise(tmp_path, monkeypatch):
+    plain = fit(tmp_path, "plain", cache=False)
+    calls = count_label_alignments(monkeypatch)
+    first = fit(tmp_path, "first", cache=True)
+    built = len(calls)
+    assert built == 16  # the task's 8 samples and the hybrid source's 8, tokenised once into the cache
+    second = fit(tmp_path, "second", cache=True)
+    assert len(calls) == built  # nothing re-tokenised
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    assert plain.keys() == first.keys() == second.keys() and plain
+    assert all(torch.equal(plain[k], first[k]) and torch.equal(plain[k], second[k]) for k in plain)
