@@ -16,6 +16,7 @@ import torch
 
 from mllm_cl.errors import ConfigError, MllmClError
 from mllm_cl.families import Qwen25VLImageOnlyProcessor
+from mllm_cl.sharding import local_log_dir
 
 # Jinja equivalents of `Family.render` (HF's apply_chat_template), for processors that have none.
 # Message content may be a string (with <image> marks) or HF's list of {"type": "image" | "text"}.
@@ -61,13 +62,40 @@ def plain_model(model):
     return model
 
 
-def export_hf(model, processor, out_dir: str, family: str | None = None) -> str:
-    """Write `model` (LoRA merged) and `processor` to `out_dir` in the Hugging Face layout."""
-    model = plain_model(model)
+def is_sharded(model) -> bool:
+    return any(hasattr(p, "device_mesh") for p in model.parameters())
+
+
+def gathered_state_dict(model) -> dict[str, torch.Tensor]:
+    """Full weights of an FSDP2-sharded model on rank 0, in CPU memory (other ranks get {}), with
+    LoRA folded in. A collective: every rank must call it."""
+    from peft.tuners.lora import LoraLayer
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]:
+        if f"{name}.base_layer.weight" not in state:
+            continue  # not rank 0
+        a, b = state.pop(f"{name}.lora_A.default.weight"), state.pop(f"{name}.lora_B.default.weight")
+        base = state.pop(f"{name}.base_layer.weight")
+        state[f"{name}.weight"] = base + (layer.scaling["default"] * (b.float() @ a.float())).to(base.dtype)
+        if f"{name}.base_layer.bias" in state:
+            state[f"{name}.bias"] = state.pop(f"{name}.base_layer.bias")
+    return state
+
+
+def export_hf(
+    model, processor, out_dir: str, family: str | None = None, state_dict: dict | None = None
+) -> str:
+    """Write `model` (LoRA merged) and `processor` to `out_dir` in the Hugging Face layout.
+
+    `state_dict`: the weights to write instead of the model's own (`gathered_state_dict` under FSDP2).
+    """
+    model = plain_model(model) if state_dict is None else model
     os.makedirs(out_dir, exist_ok=True)
     if family in CHAT_TEMPLATES and not getattr(processor, "chat_template", None):
         processor.chat_template = CHAT_TEMPLATES[family]
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     processor.save_pretrained(out_dir)
     if isinstance(processor, Qwen25VLImageOnlyProcessor):
         # Tells Qwen25VLFamily.load_processor to rebuild the image-only processor (no torchvision).
@@ -89,16 +117,16 @@ class ExportHF(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         last = trainer.current_epoch == len(trainer.datamodule.tasks) - 1
-        if self.last_only and not last or not trainer.is_global_zero:
+        if self.last_only and not last:
             return
-        root = self.dirpath or os.path.join(trainer.log_dir, "hf")
+        # FSDP2: every rank takes part in gathering the shards; rank 0 writes.
+        state = gathered_state_dict(pl_module.model) if is_sharded(pl_module.model) else None
+        if not trainer.is_global_zero:
+            return
+        root = self.dirpath or os.path.join(local_log_dir(trainer), "hf")
         name = trainer.datamodule.tasks[trainer.current_epoch].name
-        export_hf(
-            pl_module.model,
-            pl_module.processor,
-            root if self.last_only else os.path.join(root, f"after_{name}"),
-            pl_module.family.name,
-        )
+        out = root if self.last_only else os.path.join(root, f"after_{name}")
+        export_hf(pl_module.model, pl_module.processor, out, pl_module.family.name, state)
 
 
 def load_trained(config: str, ckpt_path: str | None):

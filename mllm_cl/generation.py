@@ -170,12 +170,15 @@ def eval_domains(stream) -> dict[str, dict[str, str]]:
     return domains
 
 
-def write_eval_results(module, values: dict) -> str | None:
+def write_eval_results(module, values: dict, counts: dict | None = None) -> str | None:
     """`eval_<validate|test>.json` in the run dir: what was evaluated and the accuracy per eval set."""
-    trainer = module.trainer
-    if not trainer.is_global_zero or not trainer.log_dir:
-        return None
     from mllm_cl.results import atomic_write
+    from mllm_cl.sharding import local_log_dir  # trainer.log_dir broadcasts: a rank-0-only call would hang
+
+    trainer = module.trainer
+    log_dir = local_log_dir(trainer) if trainer.is_global_zero else None
+    if not log_dir:
+        return None
 
     stage = str(trainer.state.fn.value if hasattr(trainer.state.fn, "value") else trainer.state.fn)
     record = {
@@ -183,9 +186,10 @@ def write_eval_results(module, values: dict) -> str | None:
         "ckpt_path": trainer.ckpt_path,
         "pretrained": module.hparams.get("pretrained"),
         "accuracy": {k: float(v) for k, v in values.items()},
+        "samples": counts or {},  # scored samples per eval set, over all ranks
         "domains": eval_domains(trainer.datamodule),
     }
-    path = os.path.join(trainer.log_dir, f"eval_{stage}.json")
+    path = os.path.join(log_dir, f"eval_{stage}.json")
     atomic_write(path, json.dumps(record, indent=2))
     print(
         f"[mllm_cl] {stage}: "

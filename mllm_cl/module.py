@@ -295,11 +295,12 @@ class MLLMModule(L.LightningModule):
         self.score_batch(batch, self._val_metrics[dataloader_idx], self.stream.eval_options(dataloader_idx))
 
     def on_validation_epoch_end(self):
-        values = {}
+        values, counts = {}, {}
         for name, metric in zip(self.stream.eval_names, self._val_metrics, strict=True):
             values[name] = metric.compute()
+            counts[name] = int(self.trainer.strategy.reduce(metric.total.float(), reduce_op="sum"))
             self.log(f"eval/{name}", values[name], add_dataloader_idx=False)
-        generation.write_eval_results(self, values)  # eval_<validate|test>.json in the run dir
+        generation.write_eval_results(self, values, counts)  # eval_<validate|test>.json in the run dir
 
     on_test_epoch_start = on_validation_epoch_start
     test_step = validation_step

@@ -27,6 +27,7 @@ from mllm_cl.data.sources import Source
 from mllm_cl.errors import ConfigError, DataError
 from mllm_cl.metrics import build_metric
 from mllm_cl.probe import probe
+from mllm_cl.sharding import local_log_dir
 
 
 class CountingBiasProbe(L.Callback):
@@ -108,9 +109,10 @@ class CountingBiasProbe(L.Callback):
         if trainer.is_global_zero:
             if trainer.logger is not None:
                 trainer.logger.log_metrics(scalars, step=trainer.global_step)
-            if trainer.log_dir:
-                os.makedirs(trainer.log_dir, exist_ok=True)
-                with open(os.path.join(trainer.log_dir, "probe.jsonl"), "a", encoding="utf-8") as fh:
+            log_dir = local_log_dir(trainer)  # trainer.log_dir broadcasts: would hang on rank 0 alone
+            if log_dir:
+                os.makedirs(log_dir, exist_ok=True)
+                with open(os.path.join(log_dir, "probe.jsonl"), "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(record) + "\n")
         return scalars
 

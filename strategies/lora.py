@@ -17,6 +17,7 @@ weights (B = 0 adds exactly nothing). The merged W are frozen and thus dropped f
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -25,6 +26,22 @@ from peft.tuners.lora import LoraLayer
 
 from mllm_cl.errors import ConfigError
 from strategies.base import Strategy
+
+
+def fresh_(weight: torch.Tensor, gen: torch.Generator) -> None:
+    """peft's A init (Kaiming uniform, a = √5), drawn at full shape from `gen` then copied in.
+
+    Full shape first, so the new adapters are the same on every rank and under any sharding: under
+    FSDP2 `weight` is a DTensor shard, and drawing on it directly would follow the sharded RNG.
+    """
+    full = torch.empty(weight.shape, dtype=weight.dtype)
+    torch.nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=gen)
+    if hasattr(weight, "device_mesh"):  # DTensor: keep this rank's shard (every rank holds `full`)
+        from torch.distributed.tensor import distribute_tensor  # noqa: PLC0415
+
+        mesh = weight.device_mesh
+        full = distribute_tensor(full.to(mesh.device_type), mesh, weight.placements, src_data_rank=None)
+    weight.copy_(full.to(weight.device))
 
 
 class LoRA(Strategy):
@@ -84,12 +101,13 @@ class LoRA(Strategy):
         return {n: m for n, m in self.model.named_modules() if isinstance(m, LoraLayer)}
 
     def on_task_end(self, module, task: int) -> None:
-        with torch.no_grad(), torch.random.fork_rng():
-            torch.manual_seed(self.seed * 1000 + task)  # same fresh adapters on every rank
+        gen = torch.Generator().manual_seed(self.seed * 1000 + task)
+        with torch.no_grad():
             for name, layer in self.layers().items():
                 base = layer.get_base_layer().weight
                 base.add_(layer.get_delta_weight("default").to(base.dtype))
-                layer.reset_lora_parameters("default", True)
+                fresh_(layer.lora_A["default"].weight, gen)
+                layer.lora_B["default"].weight.zero_()
                 self.merged[f"{name}.base_layer.weight"] = base
 
     def state_dict(self) -> dict:

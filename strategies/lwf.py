@@ -7,9 +7,12 @@ summed over the vocabulary and averaged over *answer tokens only* (labels ≠ -1
 shift: the logits at position t predict label t+1); defaults λ = 1, T = 2 as in LMM_CL.
 
 No second model is kept: at task start we copy the *trainable* parameters only (frozen ones are the
-same in teacher and student) and run the teacher with those copies swapped in through
-`torch.func.functional_call`, under `torch.no_grad`. Extra memory = the trainable parameters' bytes
-(see benchmarks/lwf_memory.py). Upstream bugs avoided: the mask is built from the labels the CE uses
+same in teacher and student). The teacher pass exchanges those copies with the live values in place,
+runs the model under `torch.no_grad` and exchanges them back, bit for bit, before the backward needs
+the student's weights. In place because FSDP2 gathers each layer from its own shard storage in its
+pre-forward hook: swapping module attributes (`torch.func.functional_call`) is silently undone there
+and the teacher becomes the student (KL 0; tests/test_multiprocess.py). Extra memory = the trainable
+parameters' bytes, plus one parameter during the exchange (see benchmarks/lwf_memory.py). Upstream bugs avoided: the mask is built from the labels the CE uses
 (never empty by construction: a batch without answer tokens gives an explicit zero counted in
 ``train/lwf_empty_batches``), the term keeps its graph (no `.item()`), and errors are not swallowed.
 """
@@ -18,17 +21,29 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
+from mllm_cl.data.collate import BOOKKEEPING_KEYS
 from mllm_cl.errors import ConfigError
 from strategies.base import Strategy
-
-_NOT_MODEL_INPUTS = ("meta", "skipped", "truncated")
 
 
 def trainable_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Detached copies of the trainable parameters (under FSDP2 each copy stays a local shard)."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def exchange(params: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:
+    """Swap the values of `params[name]` and `saved[name]` in place (DTensor shards: local values).
+
+    Through `.data`, so autograd's version counters do not move: the forward already run saved these
+    weights for its backward, and they hold the same values again once the exchange is undone.
+    """
+    for name, value in saved.items():
+        live = params[name].data
+        held = live.clone()
+        live.copy_(value)
+        value.copy_(held)
 
 
 def answer_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -64,13 +79,16 @@ class LwF(Strategy):
         self.teacher = trainable_snapshot(module.model)
 
     def teacher_logits(self, module, batch: dict) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+        inputs = {k: v for k, v in batch.items() if k not in BOOKKEEPING_KEYS}
         model, was_training = module.model, module.model.training
+        params = dict(model.named_parameters())
         model.eval()  # the teacher is a fixed function: no dropout, no RNG draws
+        exchange(params, self.teacher)
         try:
             with torch.no_grad():
-                return functional_call(model, self.teacher, args=(), kwargs=inputs, strict=False).logits
+                return model(**inputs).logits
         finally:
+            exchange(params, self.teacher)
             model.train(was_training)
 
     def loss(self, module, batch: dict, outputs) -> torch.Tensor:

@@ -128,7 +128,7 @@ def test_safetensors_only_holds_tensors(trained, tmp_path):
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 def test_export_merges_lora_into_plain_weights(family, tmp_path):
     """A LoRA-trained model exports as plain HF weights with the adapter update merged in."""
-    from mllm_cl.export import export_hf
+    from mllm_cl.export import export_hf, gathered_state_dict
     from mllm_cl.module import MLLMModule
     from strategies import LoRA, SAProj
 
@@ -142,10 +142,13 @@ def test_export_merges_lora_into_plain_weights(family, tmp_path):
     module.model.eval()
     with torch.no_grad():
         ours = module.model(**batch).logits
-    export_hf(module.model, module.processor, str(tmp_path), family)
-    assert any("lora_" in n for n, _ in module.model.named_parameters())  # the live model is untouched
-    exported = CLASSES[family].from_pretrained(tmp_path).eval()
-    assert not any("lora_" in n or "base_layer" in n for n, _ in exported.named_parameters())
-    with torch.no_grad():
-        theirs = exported(**batch).logits
-    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    # Both export paths: the model merged in a copy, and the gathered state dict (the FSDP2 path;
+    # torch.distributed.checkpoint also gathers an unsharded model) with LoRA folded in.
+    for out, state in [(tmp_path / "copy", None), (tmp_path / "gathered", gathered_state_dict(module.model))]:
+        export_hf(module.model, module.processor, str(out), family, state)
+        assert any("lora_" in n for n, _ in module.model.named_parameters())  # the live model is untouched
+        exported = CLASSES[family].from_pretrained(out).eval()
+        assert not any("lora_" in n or "base_layer" in n for n, _ in exported.named_parameters())
+        with torch.no_grad():
+            theirs = exported(**batch).logits
+        torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)

@@ -13,7 +13,7 @@ from mllm_cl.data import Synthetic, Task, TaskStream
 from mllm_cl.data.collate import Encoder
 from mllm_cl.module import MLLMModule
 from strategies.freeze import SAProj
-from strategies.lwf import LwF, answer_logits
+from strategies.lwf import LwF, answer_logits, distillation
 from tests.helpers import quiet_trainer
 
 FAMILIES = ["llava", "qwen2_5_vl"]
@@ -104,6 +104,34 @@ def test_gradients_reach_only_trainable_parameters():
     assert all(not t.requires_grad and t.grad is None for t in lwf.teacher.values())
     trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
     assert sum(t.numel() for t in lwf.teacher.values()) == trainable  # only trainable weights are copied
+
+
+def test_the_in_place_teacher_pass_leaves_the_student_gradient_exact():
+    """The teacher pass exchanges weights between the student's forward and backward; the gradient of
+    CE + LwF must equal the one computed with a separate teacher model."""
+    module = built("llava")
+    lwf = LwF(lam=1.0)
+    lwf.on_task_start(module, 0)
+    teacher_model = copy.deepcopy(module.model)
+    nudge(module)
+    batch = real_batch(module)
+    module.model.eval()  # no dropout: both passes see the same function
+
+    outputs = module(batch)
+    (outputs.loss + lwf.loss(module, batch, outputs)).backward()
+    ours = {n: p.grad.clone() for n, p in module.model.named_parameters() if p.requires_grad}
+    module.model.zero_grad(set_to_none=True)
+
+    outputs = module(batch)
+    with torch.no_grad():
+        teacher = teacher_model(**{k: v for k, v in batch.items() if k != "skipped"}).logits
+    labels = batch["labels"]
+    reference = distillation(answer_logits(outputs.logits, labels), answer_logits(teacher, labels), 2.0)
+    (outputs.loss + reference).backward()
+    for name, p in module.model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(ours[name], p.grad, rtol=1e-5, atol=1e-7), name
+    assert all(torch.equal(v, teacher_model.get_parameter(n)) for n, v in lwf.teacher.items())
 
 
 def fit(strategies, tmp_path, steps: int = 3) -> tuple[MLLMModule, L.Trainer]:

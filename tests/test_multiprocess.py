@@ -49,6 +49,7 @@ class Audit(L.Callback):
             "scored": scored,
             "eval_batches": batches,
             "world": world,
+            "steps": trainer.global_step,
         }
         Path(self.out, f"audit_rank{rank}.json").write_text(json.dumps(record))
 
@@ -85,6 +86,28 @@ class LwFAudit(L.Callback):
         Path(self.out, f"lwf_rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
+class WeightsAudit(L.Callback):
+    """Rank 0 writes weights.pt: the full (gathered) self-attention weights at the end of training.
+
+    Args:
+        out: folder for the file.
+    """
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module):
+        import torch  # noqa: PLC0415
+
+        full = {}
+        for name, p in pl_module.model.named_parameters():
+            if "language_model" in name and "self_attn" in name:
+                # full_tensor is a collective: every rank gathers, rank 0 writes.
+                full[name] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        if trainer.global_rank == 0:
+            torch.save({"weights": full, "steps": trainer.global_step}, Path(self.out, "weights.pt"))
+
+
 def run_cli(tmp_path: Path, *extra: str) -> tuple[Path, list[dict]]:
     args = [
         sys.executable, "-m", "mllm_cl", "fit", "--config", str(CONFIG), *extra,
@@ -107,6 +130,7 @@ def check_run(run: Path, audits: list[dict]):
     assert all(0.0 <= v <= 1.0 for row in results["matrix"] for v in row)
     for audit in audits:
         assert audit["world"] == 2
+        assert audit["steps"] == 10  # 2 tasks x 5 optimizer steps: each rank drew its full share
         # Only trainable parameters (SAProj: q/k/v/o) reach the optimizer, all of them.
         assert audit["in_optimizer"] == audit["in_optimizer_trainable"] == audit["trainable"] > 0
         assert audit["frozen"] > 0
@@ -117,11 +141,37 @@ def check_run(run: Path, audits: list[dict]):
         assert len(ids) == len(set(ids)) == 24, name  # eval_limit 24 in the config
 
 
-@pytest.mark.slow  # ~12 s alone, ~50 s when the 2 cores are shared
+@pytest.mark.slow  # ~25 s alone, ~70 s when the 2 cores are shared
 def test_ddp_two_processes(tmp_path):
-    run, audits = run_cli(tmp_path, "--trainer.strategy", "ddp")
+    cache = tmp_path / "processed"
+    run, audits = run_cli(
+        tmp_path,
+        "--trainer.strategy",
+        "ddp",
+        "--data.cache_processed",
+        "true",
+        "--data.cache_dir",
+        str(cache),
+    )
     check_run(run, audits)
     assert all(a["dtensor"] == 0 for a in audits)
+    # Rank 0 tokenised each task once into the cache (the other rank waited), nothing half-written.
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["processed", "processed"]
+
+    # `validate` through Lightning's loop on 2 processes: each rank scores its share, each sample once.
+    args = [
+        sys.executable, "-m", "mllm_cl", "validate", "--config", str(CONFIG), "--trainer.accelerator", "cpu",
+        "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "val"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (record,) = list((tmp_path / "val").glob("*/version_*/eval_validate.json"))
+    record = json.loads(record.read_text())
+    assert record["samples"] == {"count": 24, "colour": 24, "shape": 24}
+    results = json.loads((run / "results.json").read_text())
+    assert record["accuracy"] == dict(zip(results["columns"], results["matrix"][-1], strict=True))
 
 
 @pytest.mark.slow  # ~15 s alone, ~50 s when the 2 cores are shared
@@ -150,3 +200,40 @@ def test_lwf_teacher_acts_under_fsdp2(tmp_path):
         lwf = json.loads((tmp_path / f"lwf_rank{rank}.json").read_text())
         assert lwf["gap"] > 1e-4  # the teacher (start of task 2) is not the trained student
         assert lwf["restored"]  # the student's weights are back, bit for bit, after the teacher pass
+
+
+@pytest.mark.slow  # ~40 s per strategy alone
+@pytest.mark.parametrize("strategy", ["LwF", "LoRA", "WiSEFT"])
+def test_strategies_train_the_same_under_fsdp2_as_under_ddp(tmp_path, strategy):
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    option = "--trainer.callbacks+=WiSEFT" if strategy == "WiSEFT" else f"--model.strategies+={strategy}"
+    weights = {}
+    for name, extra in [("ddp", ["--trainer.strategy", "ddp"]),
+                        ("fsdp2", ["--config", str(ROOT / "configs" / "trainer_fsdp_multigpu.yaml")])]:  # fmt: skip
+        out = tmp_path / name
+        out.mkdir()
+        run_cli(out, *extra, option, "--trainer.callbacks+=tests.test_multiprocess.WeightsAudit",
+                f"--trainer.callbacks.out={out}", "--trainer.callbacks+=mllm_cl.export.ExportHF",
+                f"--trainer.callbacks.dirpath={out / 'hf'}", "--trainer.callbacks.last_only=true")  # fmt: skip
+        weights[name] = torch.load(out / "weights.pt", weights_only=True)
+        # The exported HF checkpoint (gathered from shards under FSDP2, LoRA folded) holds the trained weights.
+        exported = dict(LlavaForConditionalGeneration.from_pretrained(out / "hf").named_parameters())
+        for key, value in weights[name]["weights"].items():
+            if ".lora_" not in key:
+                # LoRA: adapters are merged into the base after every task (B = 0), so base = trained weight.
+                assert torch.allclose(exported[key.replace(".base_layer", "")], value, atol=1e-6), key
+    ddp, fsdp2 = weights["ddp"], weights["fsdp2"]
+    assert ddp["steps"] == fsdp2["steps"] == 10  # 2 tasks x 5 optimizer steps
+    assert ddp["weights"].keys() == fsdp2["weights"].keys() and ddp["weights"]
+    for name, value in ddp["weights"].items():
+        assert torch.allclose(value, fsdp2["weights"][name], atol=2e-5, rtol=1e-4), name
+    from mllm_cl.families import get_family
+
+    start = dict(get_family("llava").build_tiny("tiny")[0].named_parameters())
+    moved = [n for n, v in ddp["weights"].items() if n.replace(".base_layer", "") in start
+             and not torch.equal(v, start[n.replace(".base_layer", "")])]  # fmt: skip
+    assert moved  # training (LoRA: the merged adapters) changed the attention weights
+    if strategy == "LoRA":  # adapters are merged and reset after every task: B is zero again
+        assert all(not v.any() for n, v in fsdp2["weights"].items() if ".lora_B." in n)

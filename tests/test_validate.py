@@ -85,6 +85,7 @@ def test_validate_from_checkpoint_matches_fit(fitted):
     record, eval_run = _evaluate("validate", config, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
     assert record["stage"] == "validate" and record["ckpt_path"].endswith("last.ckpt")
     assert record["accuracy"] == pytest.approx(last)
+    assert record["samples"] == {"mix": 12, "colour": 6}  # every eval sample scored once (6 per source)
     assert record["domains"]["colour"] == {"image": "ood", "text": "id"}
     events = EventAccumulator(str(eval_run))
     events.Reload()

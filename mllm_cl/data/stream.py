@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mllm_cl.checkpointing import resume_offset
 from mllm_cl.data.cache import cache_root, tokenized
@@ -128,7 +128,32 @@ class _EvalItems(Dataset):
         return item
 
 
-class TaskSampler(Sampler[int]):
+class _RankLocal(DistributedSampler):
+    """Marks a sampler that already yields this rank's share only.
+
+    Lightning wraps any other sampler in a DistributedSampler under DDP/FSDP (`use_distributed_sampler`),
+    which would split our per-rank share again: each rank would see half of it and a task would run
+    half its steps. A DistributedSampler subclass is left alone. No DistributedSampler state is used.
+    """
+
+    def set_epoch(self, epoch: int) -> None:  # called by Lightning; the order depends on the task seed
+        self.epoch = epoch
+
+
+class _InOrder(_RankLocal):
+    """0..n-1 in order (an eval loader's items, already this rank's share)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __iter__(self):
+        return iter(range(self.n))
+
+    def __len__(self):
+        return self.n
+
+
+class TaskSampler(_RankLocal):
     """Seeded sample order for one task: reshuffled passes until `num_samples`, this rank's share.
 
     The global order depends only on (seed, task index), so each rank takes a disjoint slice and a
@@ -310,6 +335,7 @@ class TaskStream(L.LightningDataModule):
         indices = [i + 1 if i < n else -((i % n) + 1) for i in range(per_rank * world)][rank::world]
         return DataLoader(
             _EvalItems(table, self.encoder, indices),
+            sampler=_InOrder(len(indices)),
             batch_size=self.eval_options(column)["eval_batch_size"] or self.eval_batch_size,
             collate_fn=self._collate_eval,
             num_workers=self.num_workers,
