@@ -105,7 +105,9 @@ class WeightsAudit(L.Callback):
                 # full_tensor is a collective: every rank gathers, rank 0 writes.
                 full[name] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
         if trainer.global_rank == 0:
-            torch.save({"weights": full, "steps": trainer.global_step}, Path(self.out, "weights.pt"))
+            compiled = sum(bool(getattr(m, "_compiled_call_impl", None)) for m in pl_module.model.modules())
+            record = {"weights": full, "steps": trainer.global_step, "compiled": compiled}
+            torch.save(record, Path(self.out, "weights.pt"))
 
 
 def run_cli(tmp_path: Path, *extra: str) -> tuple[Path, list[dict]]:
@@ -202,24 +204,32 @@ def test_lwf_teacher_acts_under_fsdp2(tmp_path):
         assert lwf["restored"]  # the student's weights are back, bit for bit, after the teacher pass
 
 
-@pytest.mark.slow  # ~40 s per strategy alone
-@pytest.mark.parametrize("strategy", ["LwF", "LoRA", "WiSEFT"])
-def test_strategies_train_the_same_under_fsdp2_as_under_ddp(tmp_path, strategy):
+@pytest.mark.slow  # ~40 s per case alone
+@pytest.mark.parametrize(
+    "family, strategy",
+    [("llava", "LwF"), ("llava", "LoRA"), ("llava", "WiSEFT"), ("qwen2_5_vl", None), ("qwen2_5_vl", "LwF")],
+)
+def test_strategies_train_the_same_under_fsdp2_as_under_ddp(tmp_path, family, strategy):
     import torch
-    from transformers import LlavaForConditionalGeneration
 
-    option = "--trainer.callbacks+=WiSEFT" if strategy == "WiSEFT" else f"--model.strategies+={strategy}"
+    from mllm_cl.families import get_family
+
+    options = ["--model.family", family]
+    if strategy:
+        options.append(
+            "--trainer.callbacks+=WiSEFT" if strategy == "WiSEFT" else f"--model.strategies+={strategy}"
+        )
     weights = {}
     for name, extra in [("ddp", ["--trainer.strategy", "ddp"]),
                         ("fsdp2", ["--config", str(ROOT / "configs" / "trainer_fsdp_multigpu.yaml")])]:  # fmt: skip
         out = tmp_path / name
         out.mkdir()
-        run_cli(out, *extra, option, "--trainer.callbacks+=tests.test_multiprocess.WeightsAudit",
+        run_cli(out, *extra, *options, "--trainer.callbacks+=tests.test_multiprocess.WeightsAudit",
                 f"--trainer.callbacks.out={out}", "--trainer.callbacks+=mllm_cl.export.ExportHF",
                 f"--trainer.callbacks.dirpath={out / 'hf'}", "--trainer.callbacks.last_only=true")  # fmt: skip
         weights[name] = torch.load(out / "weights.pt", weights_only=True)
         # The exported HF checkpoint (gathered from shards under FSDP2, LoRA folded) holds the trained weights.
-        exported = dict(LlavaForConditionalGeneration.from_pretrained(out / "hf").named_parameters())
+        exported = dict(get_family(family).model_class.from_pretrained(out / "hf").named_parameters())
         for key, value in weights[name]["weights"].items():
             if ".lora_" not in key:
                 # LoRA: adapters are merged into the base after every task (B = 0), so base = trained weight.
@@ -229,11 +239,27 @@ def test_strategies_train_the_same_under_fsdp2_as_under_ddp(tmp_path, strategy):
     assert ddp["weights"].keys() == fsdp2["weights"].keys() and ddp["weights"]
     for name, value in ddp["weights"].items():
         assert torch.allclose(value, fsdp2["weights"][name], atol=2e-5, rtol=1e-4), name
-    from mllm_cl.families import get_family
-
-    start = dict(get_family("llava").build_tiny("tiny")[0].named_parameters())
+    start = dict(get_family(family).build_tiny("tiny")[0].named_parameters())
     moved = [n for n, v in ddp["weights"].items() if n.replace(".base_layer", "") in start
              and not torch.equal(v, start[n.replace(".base_layer", "")])]  # fmt: skip
     assert moved  # training (LoRA: the merged adapters) changed the attention weights
     if strategy == "LoRA":  # adapters are merged and reset after every task: B is zero again
         assert all(not v.any() for n, v in fsdp2["weights"].items() if ".lora_B." in n)
+
+
+@pytest.mark.slow  # ~60 s alone (inductor compiles each block class once per process)
+def test_compile_under_fsdp2_trains_like_eager(tmp_path):
+    import torch
+
+    weights = {}
+    for name, extra in [("eager", []), ("compiled", ["--model.compile", "true"])]:
+        out = tmp_path / name
+        out.mkdir()
+        run_cli(out, "--config", str(ROOT / "configs" / "trainer_fsdp_multigpu.yaml"), *extra,
+                "--trainer.callbacks+=tests.test_multiprocess.WeightsAudit", f"--trainer.callbacks.out={out}")  # fmt: skip
+        weights[name] = torch.load(out / "weights.pt", weights_only=True)
+    eager, compiled = weights["eager"], weights["compiled"]
+    assert eager["compiled"] == 0 and compiled["compiled"] > 0  # blocks compiled, then sharded
+    assert eager["steps"] == compiled["steps"] == 10
+    for key, value in eager["weights"].items():
+        assert torch.allclose(value, compiled["weights"][key], atol=1e-5, rtol=1e-4), key
