@@ -62,19 +62,23 @@ def test_a_record_rebuilds_exactly_what_encoding_gives(tiny, overlength):
                 record["image_runs"]
             )
             assert len(record["image_runs"]) >= 1 and min(record["image_runs"]) > 1
+        prompt = encoder.record(case, prompt=True)  # eval sets: the generation prompt, no labels
+        assert prompt["labels"] == [] and not prompt["skip"]
+        assert_same_encoding(encoder.encode_prompt({**case, "_tokens": prompt}), encoder.encode_prompt(case))
     assert sum(over) == 1 and truncated == (overlength == "truncate")
     assert [encoder.record(c)["skip"] for c in cases] == [o and overlength == "skip" for o in over]
 
 
-def count_label_alignments(monkeypatch) -> list:
-    """Real `Encoder._labels` (the tokenise-and-align step), with a call counter around it."""
-    calls, real = [], Encoder._labels
+def count_calls(monkeypatch, name: str = "_labels") -> list:
+    """The real `Encoder._labels` (tokenise and align labels) or `Encoder._process` (the processor
+    call that tokenises text), with a call counter around it."""
+    calls, real = [], getattr(Encoder, name)
 
     def counted(self, *args):
         calls.append(1)
         return real(self, *args)
 
-    monkeypatch.setattr(Encoder, "_labels", counted)
+    monkeypatch.setattr(Encoder, name, counted)
     return calls
 
 
@@ -84,7 +88,7 @@ def test_second_use_reads_the_cache_and_keys_follow_what_tokens_depend_on(tmp_pa
     family, (_, processor) = get_family("llava"), tiny_llava
     table = Synthetic("colour", n=6, seed=5, image_size=32).load()
     encoder = Encoder(family, processor, max_length=64, overlength="truncate")
-    calls = count_label_alignments(monkeypatch)
+    calls = count_calls(monkeypatch)
 
     first = tokenized(table, encoder, tmp_path)
     assert len(calls) == 6  # built once
@@ -140,6 +144,7 @@ def fit(tmp: Path, name: str, cache: bool) -> dict:
     hybrid = {"class_path": "DataHybrid",
               "init_args": {"sources": [{**task, "init_args": {**task["init_args"], "skill": "shape"}}],
                             "ratios": [0.5]}}  # fmt: skip
+    evalset = {**task, "init_args": {**task["init_args"], "n": 6, "seed": 4}}
     cfg = {
         "seed_everything": 0,
         "trainer": {
@@ -163,7 +168,7 @@ def fit(tmp: Path, name: str, cache: bool) -> dict:
             "batch_size": 4,
             "cache_processed": cache,
             "cache_dir": str(tmp / "cache"),
-            "tasks": [{"name": "c", "train": task, "steps": 4}],
+            "tasks": [{"name": "c", "train": task, "steps": 4, "eval": evalset}],
         },  # fmt: skip
     }
     path = tmp / f"{name}.yaml"
@@ -174,12 +179,13 @@ def fit(tmp: Path, name: str, cache: bool) -> dict:
 
 def test_fit_with_the_cache_trains_identically_and_the_second_run_does_not_retokenise(tmp_path, monkeypatch):
     plain = fit(tmp_path, "plain", cache=False)
-    calls = count_label_alignments(monkeypatch)
+    labels, processed = count_calls(monkeypatch), count_calls(monkeypatch, "_process")
     first = fit(tmp_path, "first", cache=True)
-    built = len(calls)
+    built = len(labels)
     assert built == 16  # the task's 8 samples and the hybrid source's 8, tokenised once into the cache
+    assert len(processed) == 16 + 6  # and the 6 eval prompts
     second = fit(tmp_path, "second", cache=True)
-    assert len(calls) == built  # nothing re-tokenised
-    assert len(list((tmp_path / "cache").iterdir())) == 2
+    assert len(labels) == built and len(processed) == 16 + 6  # nothing tokenised again: train nor eval
+    assert len(list((tmp_path / "cache").iterdir())) == 3
     assert plain.keys() == first.keys() == second.keys() and plain
     assert all(torch.equal(plain[k], first[k]) and torch.equal(plain[k], second[k]) for k in plain)

@@ -1,7 +1,7 @@
 """Processed-data cache (`data.cache_processed`): tokenised training samples kept with `datasets`.
 
 A second run over the same data skips tokenisation and label alignment: it reads each sample's token
-ids and answer labels from a memory-mapped Arrow table. Per sample we store the ids and labels with
+ids and answer labels (training) or prompt ids (eval sets) from a memory-mapped Arrow table. Per sample we store the ids and labels with
 every run of image tokens collapsed to one position, plus the run lengths (a 576-token LLaVA image
 costs one integer), and whether the sample was skipped or truncated for length. Images are still
 decoded and run through the image processor in the dataloader workers: pixel tensors would be far
@@ -56,7 +56,7 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def cache_key(fingerprint: str, encoder) -> str:
+def cache_key(fingerprint: str, encoder, prompt: bool = False) -> str:
     """Hex digest of everything a cached record depends on."""
     tok, proc = encoder.processor.tokenizer, encoder.processor
     backend = getattr(tok, "backend_tokenizer", None)
@@ -79,6 +79,7 @@ def cache_key(fingerprint: str, encoder) -> str:
         "processor": {k: v for k, v in vars(proc).items() if isinstance(v, (int, float, str, bool))},
         "max_length": encoder.max_length,
         "overlength": encoder.overlength,
+        "prompt": prompt,
     }
     return _digest(parts)[:20]
 
@@ -86,15 +87,15 @@ def cache_key(fingerprint: str, encoder) -> str:
 class _Records(Dataset):
     """Encodes samples into compact records in the dataloader workers (build side)."""
 
-    def __init__(self, table, encoder):
-        self.table, self.encoder = table, encoder
+    def __init__(self, table, encoder, prompt: bool):
+        self.table, self.encoder, self.prompt = table, encoder, prompt
 
     def __len__(self):
         return len(self.table)
 
     def __getitem__(self, i):
         try:
-            return self.encoder.record(self.table[i])
+            return self.encoder.record(self.table[i], self.prompt)
         except DataError as err:  # re-raised in the main process as one line, not a worker traceback
             return {"error": str(err)}
 
@@ -103,12 +104,14 @@ def _as_is(item):
     return item
 
 
-def build(table, encoder, path: Path, num_workers: int) -> None:
+def build(table, encoder, path: Path, num_workers: int, prompt: bool = False) -> None:
     """Encode every sample of `table` once and save the records under `path` (atomically)."""
     import datasets  # noqa: PLC0415  (heavy import, only when caching)
 
     columns = {"ids": [], "labels": [], "image_runs": [], "skip": [], "truncated": []}
-    loader = DataLoader(_Records(table, encoder), batch_size=None, collate_fn=_as_is, num_workers=num_workers)
+    loader = DataLoader(
+        _Records(table, encoder, prompt), batch_size=None, collate_fn=_as_is, num_workers=num_workers
+    )
     for record in loader:
         if "error" in record:
             raise DataError(record["error"])
@@ -137,8 +140,12 @@ class Tokenized(Sequence):
         return {**self.table[i], "_tokens": self.records[i]}
 
 
-def tokenized(table, encoder, root: Path, trainer=None, num_workers: int = 0, where: str = "") -> Sequence:
+def tokenized(
+    table, encoder, root: Path, trainer=None, num_workers: int = 0, where: str = "", prompt: bool = False
+) -> Sequence:
     """`table` with cached tokens: built once (by local rank 0, the others wait), then read from disk.
+
+    `prompt`: cache generation prompts (eval sets: the conversation up to the last user turn, no labels).
 
     Returns `table` itself when it has no fingerprint (it cannot be keyed, so it is encoded on the fly).
     """
@@ -149,9 +156,9 @@ def tokenized(table, encoder, root: Path, trainer=None, num_workers: int = 0, wh
     if fingerprint is None:
         rank_zero_info(f"data.cache_processed: {where} has no fingerprint; encoding it on the fly")
         return table
-    path = root / f"processed-{cache_key(fingerprint, encoder)}"
+    path = root / f"processed-{cache_key(fingerprint, encoder, prompt)}"
     if not path.is_dir() and (trainer is None or trainer.local_rank == 0):
-        build(table, encoder, path, num_workers)
+        build(table, encoder, path, num_workers, prompt)
         rank_zero_info(
             f"data.cache_processed: {where or 'table'}: tokenised {len(table)} samples into {path}"
         )

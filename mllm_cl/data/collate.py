@@ -113,18 +113,19 @@ class Encoder:
         out["labels"] = torch.tensor([labels])
         return out
 
-    def record(self, sample: dict) -> dict:
-        """The compact cacheable form of `encode_train(sample)`: image-token runs collapsed to one id."""
-        out = self.encode_train(sample)
+    def record(self, sample: dict, prompt: bool = False) -> dict:
+        """The compact cacheable form of `encode_train(sample)` (or `encode_prompt`, without labels):
+        image-token runs collapsed to one id plus their lengths."""
+        out = self.encode_prompt(sample) if prompt else self.encode_train(sample)
         if out is None:
             return {"ids": [], "labels": [], "image_runs": [], "skip": True, "truncated": False}
         image_id = self.family.image_token_id(self.processor)
         ids, runs = _collapse(out["input_ids"][0].tolist(), image_id)
         starts = [0, *itertools.accumulate(runs)][:-1]  # first position of each collapsed run
-        labels = out["labels"][0].tolist()
+        labels = out["labels"][0].tolist() if not prompt else []
         return {
             "ids": ids,
-            "labels": [labels[i] for i in starts],
+            "labels": [labels[i] for i in starts] if not prompt else [],
             "image_runs": [n for tok, n in zip(ids, runs, strict=True) if tok == image_id],
             "skip": False,
             "truncated": bool(out.get("truncated", 0)),
@@ -134,8 +135,9 @@ class Encoder:
         if record["skip"]:
             return None
         image_id = self.family.image_token_id(self.processor)
+        prompt = not record["labels"]  # prompt records carry no labels
         runs, ids, labels = iter(record["image_runs"]), [], []
-        for tok, label in zip(record["ids"], record["labels"], strict=True):
+        for tok, label in zip(record["ids"], record["labels"] or record["ids"], strict=True):
             n = next(runs) if tok == image_id else 1
             ids += [tok] * n
             labels += [label] * n
@@ -145,7 +147,8 @@ class Encoder:
             out["mm_token_type_ids"] = (input_ids == image_id).long()
         if sample.get("images"):
             out.update(self.processor.image_processor(images=sample["images"], return_tensors="pt"))
-        out["labels"] = torch.tensor([labels])
+        if not prompt:
+            out["labels"] = torch.tensor([labels])
         if record["truncated"]:
             out["truncated"] = 1
         return out
@@ -181,6 +184,8 @@ class Encoder:
 
     def encode_prompt(self, sample: dict) -> dict:
         """The prompt for generation (conversation up to the last user turn)."""
+        if "_tokens" in sample:  # data.cache_processed
+            return self._from_record(sample, sample["_tokens"])
         messages = prepare_messages(sample, self.family, for_generation=True)
         rendered = self.family.render(messages, add_generation_prompt=True)
         return self._process(rendered.text, sample.get("images") or [])

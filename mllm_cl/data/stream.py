@@ -86,6 +86,8 @@ class _Head(Sequence):
 
     def __init__(self, table, limit: int | None):
         self.table, self.n = table, len(table) if limit is None else min(limit, len(table))
+        inner = getattr(table, "fingerprint", None)  # the processed-data cache key of these n samples
+        self.fingerprint = None if inner is None else f"{inner}[:{self.n}]"
 
     def __len__(self):
         return self.n
@@ -227,7 +229,7 @@ class TaskStream(L.LightningDataModule):
         )
         self.cache_processed, self.cache_dir = cache_processed, cache_dir
         self.encoder: Encoder | None = None
-        self._tokenized = False
+        self._tokenized: set[str] = set()  # which tables read from the processed-data cache
         self._train: list | None = None
         self._eval: list | None = None
 
@@ -243,12 +245,18 @@ class TaskStream(L.LightningDataModule):
             ]
         module = self.trainer.lightning_module
         self.encoder = Encoder(module.family, module.processor, self.max_length, self.overlength)
-        if stage == "fit" and self.cache_processed and not self._tokenized:
+        if self.cache_processed and "eval" not in self._tokenized:
+            self._eval = [
+                (name, self.tokenized(table, f"eval set {name}", prompt=True), metric)
+                for name, table, metric in self._eval
+            ]
+            self._tokenized.add("eval")
+        if stage == "fit" and self.cache_processed and "train" not in self._tokenized:
             self._train = [
                 self.tokenized(table, f"data.tasks[{i}] ({t.name})")
                 for i, (t, table) in enumerate(zip(self.tasks, self._train, strict=True))
             ]
-            self._tokenized = True
+            self._tokenized.add("train")
         if stage == "fit":
             # Epoch i is task i: a fresh train loader each epoch, and the stream's end is the fit's end.
             self.trainer.fit_loop.max_epochs = len(self.tasks)
@@ -279,12 +287,12 @@ class TaskStream(L.LightningDataModule):
     def task_column(self, task_index: int) -> str | None:
         return self.tasks[task_index].name if self.tasks[task_index].eval is not None else None
 
-    def tokenized(self, table, where: str):
+    def tokenized(self, table, where: str, prompt: bool = False):
         """`table` reading its tokens from the processed-data cache (itself when caching is off)."""
         if not self.cache_processed:
             return table
         root = Path(self.cache_dir) if self.cache_dir else cache_root()
-        return tokenized(table, self.encoder, root, self.trainer, self.num_workers, where)
+        return tokenized(table, self.encoder, root, self.trainer, self.num_workers, where, prompt)
 
     # ---- training ---------------------------------------------------------------------------
     def train_table(self, task_index: int):
