@@ -1,6 +1,12 @@
 """Shared test helpers."""
 
+from pathlib import Path
+
 import lightning as L
+import torch
+import yaml
+
+from mllm_cl.cli import main
 
 
 def quiet_trainer(tmp_path, **kwargs) -> L.Trainer:
@@ -15,3 +21,28 @@ def quiet_trainer(tmp_path, **kwargs) -> L.Trainer:
         default_root_dir=str(tmp_path),
     )
     return L.Trainer(**{**options, **kwargs})
+
+
+def fit_cli(tmp: Path, name: str, model: dict, data: dict) -> tuple[Path, dict]:
+    """`python -m mllm_cl fit` on a YAML written from `model` / `data` (seed 0, deterministic CPU,
+    TensorBoard run dir tmp/name/v). Returns the run dir and the last checkpoint's state_dict."""
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "deterministic": True,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp), "name": name, "version": "v"},
+            },
+        },
+        "model": model,
+        "data": data,
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    main(["fit", "--config", str(path)])
+    run_dir = tmp / name / "v"
+    return run_dir, torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from PIL import Image
 
-from mllm_cl.cli import main
 from mllm_cl.data import LlavaJson, Synthetic
 from mllm_cl.data.cache import tokenized
 from mllm_cl.data.collate import Encoder
 from mllm_cl.errors import DataError
+from tests.helpers import fit_cli
 
 
 def sample(images: int, turns: int = 1) -> dict:
@@ -145,36 +144,11 @@ def fit(tmp: Path, name: str, cache: bool) -> dict:
               "init_args": {"sources": [{**task, "init_args": {**task["init_args"], "skill": "shape"}}],
                             "ratios": [0.5]}}  # fmt: skip
     evalset = {**task, "init_args": {**task["init_args"], "n": 6, "seed": 4}}
-    cfg = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "deterministic": True,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(tmp), "name": name, "version": "v"},
-            },
-        },  # fmt: skip
-        "model": {
-            "family": "llava",
-            "recipe": {"class_path": "Full"},
-            "lr": 3e-3,
-            "max_new_tokens": 2,
-            "strategies": [hybrid],
-        },  # fmt: skip
-        "data": {
-            "batch_size": 4,
-            "cache_processed": cache,
-            "cache_dir": str(tmp / "cache"),
-            "tasks": [{"name": "c", "train": task, "steps": 4, "eval": evalset}],
-        },  # fmt: skip
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    main(["fit", "--config", str(path)])
-    return torch.load(tmp / name / "v" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    model = {"family": "llava", "recipe": {"class_path": "Full"}, "lr": 3e-3, "max_new_tokens": 2,
+             "strategies": [hybrid]}  # fmt: skip
+    data = {"batch_size": 4, "cache_processed": cache, "cache_dir": str(tmp / "cache"),
+            "tasks": [{"name": "c", "train": task, "steps": 4, "eval": evalset}]}  # fmt: skip
+    return fit_cli(tmp, name, model, data)[1]
 
 
 def test_fit_with_the_cache_trains_identically_and_the_second_run_does_not_retokenise(tmp_path, monkeypatch):

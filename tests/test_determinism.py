@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import torch
-import yaml
 
-from mllm_cl.cli import main
+from tests.helpers import fit_cli
 
 
 def run(tmp: Path, name: str) -> tuple[dict, dict]:
@@ -16,26 +15,9 @@ def run(tmp: Path, name: str) -> tuple[dict, dict]:
         "class_path": "Synthetic",
         "init_args": {"skill": "colour", "n": 8, "seed": 3, "image_size": 32, "object_size": [0.25, 0.45]},
     }
-    cfg = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "deterministic": True,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(tmp), "name": name, "version": "v"},
-            },
-        },
-        "model": {"family": "llava", "recipe": {"class_path": "Full"}, "lr": 3e-3, "max_new_tokens": 3},
-        "data": {"batch_size": 4, "tasks": [{"name": "c", "train": task, "eval": task, "steps": 12}]},
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    main(["fit", "--config", str(path)])
-    run_dir = tmp / name / "v"
-    weights = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    model = {"family": "llava", "recipe": {"class_path": "Full"}, "lr": 3e-3, "max_new_tokens": 3}
+    data = {"batch_size": 4, "tasks": [{"name": "c", "train": task, "eval": task, "steps": 12}]}
+    run_dir, weights = fit_cli(tmp, name, model, data)
     return json.loads((run_dir / "results.json").read_text()), weights
 
 

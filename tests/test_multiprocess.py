@@ -157,8 +157,9 @@ def test_ddp_two_processes(tmp_path):
     )
     check_run(run, audits)
     assert all(a["dtensor"] == 0 for a in audits)
-    # Rank 0 tokenised each task once into the cache (the other rank waited), nothing half-written.
-    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["processed", "processed"]
+    # Rank 0 tokenised each task and eval set once into the cache (the other rank waited), nothing
+    # half-written: 2 training tables + 3 eval sets.
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["processed"] * 5
 
     # `validate` through Lightning's loop on 2 processes: each rank scores its share, each sample once.
     args = [
