@@ -73,6 +73,10 @@ def main(args: list[str] | None = None) -> None:
 
         sys.exit(export_main(argv[1:]))
     try:
+        if argv and argv[0] == "cache":
+            from mllm_cl.data.cache import main as cache_main
+
+            sys.exit(cache_main(argv[1:]))
         MllmCLI(
             MLLMModule,
             TaskStream,

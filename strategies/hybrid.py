@@ -106,11 +106,13 @@ class DataHybrid(Strategy):
                     raise ConfigError(f"DataHybrid: source {s.describe()} has no samples; fix its path")
         return self._tables
 
-    def train_data(self, module, task: int, table: Sequence[dict]) -> Sequence[dict]:
-        if self._cached is None:  # through the stream's processed-data cache when data.cache_processed is on
-            stream = module.trainer.datamodule
+    def cached_tables(self, stream) -> list:
+        """The sources through the stream's processed-data cache (as loaded when caching is off)."""
+        if self._cached is None:
             named = zip(self.sources, self.tables(), strict=True)
             self._cached = [stream.tokenized(t, f"DataHybrid source {s.describe()}") for s, t in named]
-        return compose(
-            [table, *self._cached], self.ratios, task_samples(module, task), self.seed * 1000 + task
-        )
+        return self._cached
+
+    def train_data(self, module, task: int, table: Sequence[dict]) -> Sequence[dict]:
+        extra = self.cached_tables(module.trainer.datamodule)
+        return compose([table, *extra], self.ratios, task_samples(module, task), self.seed * 1000 + task)

@@ -23,9 +23,8 @@ def quiet_trainer(tmp_path, **kwargs) -> L.Trainer:
     return L.Trainer(**{**options, **kwargs})
 
 
-def fit_cli(tmp: Path, name: str, model: dict, data: dict) -> tuple[Path, dict]:
-    """`python -m mllm_cl fit` on a YAML written from `model` / `data` (seed 0, deterministic CPU,
-    TensorBoard run dir tmp/name/v). Returns the run dir and the last checkpoint's state_dict."""
+def write_config(tmp: Path, name: str, model: dict, data: dict) -> Path:
+    """tmp/name.yaml from `model` / `data`: seed 0, deterministic CPU, TensorBoard run dir tmp/name/v."""
     cfg = {
         "seed_everything": 0,
         "trainer": {
@@ -43,6 +42,11 @@ def fit_cli(tmp: Path, name: str, model: dict, data: dict) -> tuple[Path, dict]:
     }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    main(["fit", "--config", str(path)])
+    return path
+
+
+def fit_cli(tmp: Path, name: str, model: dict, data: dict) -> tuple[Path, dict]:
+    """`python -m mllm_cl fit` on `write_config(...)`; the run dir and the last checkpoint's state_dict."""
+    main(["fit", "--config", str(write_config(tmp, name, model, data))])
     run_dir = tmp / name / "v"
     return run_dir, torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]

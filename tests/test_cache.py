@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+from mllm_cl.cli import main
 from mllm_cl.data import LlavaJson, Synthetic
 from mllm_cl.data.cache import tokenized
 from mllm_cl.data.collate import Encoder
 from mllm_cl.errors import DataError
-from tests.helpers import fit_cli
+from tests.helpers import fit_cli, write_config
 
 
 def sample(images: int, turns: int = 1) -> dict:
@@ -138,7 +139,7 @@ def test_a_table_without_fingerprint_is_encoded_on_the_fly_and_errors_stay_one_l
     assert "\n" not in str(err.value) and not any(tmp_path.iterdir())
 
 
-def fit(tmp: Path, name: str, cache: bool) -> dict:
+def fit_args(tmp: Path, cache: bool) -> tuple[dict, dict]:
     task = {"class_path": "Synthetic", "init_args": {"skill": "colour", "n": 8, "seed": 3, "image_size": 32}}
     hybrid = {"class_path": "DataHybrid",
               "init_args": {"sources": [{**task, "init_args": {**task["init_args"], "skill": "shape"}}],
@@ -148,7 +149,11 @@ def fit(tmp: Path, name: str, cache: bool) -> dict:
              "strategies": [hybrid]}  # fmt: skip
     data = {"batch_size": 4, "cache_processed": cache, "cache_dir": str(tmp / "cache"),
             "tasks": [{"name": "c", "train": task, "steps": 4, "eval": evalset}]}  # fmt: skip
-    return fit_cli(tmp, name, model, data)[1]
+    return model, data
+
+
+def fit(tmp: Path, name: str, cache: bool) -> dict:
+    return fit_cli(tmp, name, *fit_args(tmp, cache))[1]
 
 
 def test_fit_with_the_cache_trains_identically_and_the_second_run_does_not_retokenise(tmp_path, monkeypatch):
@@ -163,3 +168,18 @@ def test_fit_with_the_cache_trains_identically_and_the_second_run_does_not_retok
     assert len(list((tmp_path / "cache").iterdir())) == 3
     assert plain.keys() == first.keys() == second.keys() and plain
     assert all(torch.equal(plain[k], first[k]) and torch.equal(plain[k], second[k]) for k in plain)
+
+
+def test_cache_subcommand_prebuilds_everything_a_fit_then_reads(tmp_path, monkeypatch, capsys):
+    config = write_config(tmp_path, "run", *fit_args(tmp_path, cache=False))  # the command turns it on
+    with pytest.raises(SystemExit) as done:
+        main(["cache", "--config", str(config)])
+    assert done.value.code == 0
+    assert "3 of 3 tables cached" in capsys.readouterr().out  # task, eval set, DataHybrid source
+    assert len(list((tmp_path / "cache").iterdir())) == 3
+    processed = count_calls(monkeypatch, "_process")
+    main(["fit", "--config", str(config), "--data.cache_processed", "true"])
+    assert processed == []  # the fit tokenised nothing
+    with pytest.raises(SystemExit) as bad:
+        main(["cache", "--config", str(tmp_path / "missing.yaml")])
+    assert bad.value.code == 2 and "missing.yaml" in capsys.readouterr().err.strip().splitlines()[-1]

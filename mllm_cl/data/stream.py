@@ -235,6 +235,15 @@ class TaskStream(L.LightningDataModule):
 
     # ---- set-up -----------------------------------------------------------------------------
     def setup(self, stage: str):
+        self.prepare_tables(self.trainer.lightning_module, stage)
+        if stage == "fit":
+            # Epoch i is task i: a fresh train loader each epoch, and the stream's end is the fit's end.
+            self.trainer.fit_loop.max_epochs = len(self.tasks)
+            self.trainer.reload_dataloaders_every_n_epochs = 1
+
+    def prepare_tables(self, module, stage: str = "fit") -> None:
+        """Load every source, make the encoder, and (data.cache_processed) read or build the caches:
+        eval prompts always, training samples for `fit`."""
         if self._train is None:
             self._train = [
                 self._load(t.train, f"data.tasks[{i}].train ({t.name})") for i, t in enumerate(self.tasks)
@@ -243,7 +252,6 @@ class TaskStream(L.LightningDataModule):
                 (name, _Head(self._load(src, f"eval set {name}"), self.eval_limit), metric)
                 for name, src, metric in self.eval_specs()
             ]
-        module = self.trainer.lightning_module
         self.encoder = Encoder(module.family, module.processor, self.max_length, self.overlength)
         if self.cache_processed and "eval" not in self._tokenized:
             self._eval = [
@@ -257,10 +265,6 @@ class TaskStream(L.LightningDataModule):
                 for i, (t, table) in enumerate(zip(self.tasks, self._train, strict=True))
             ]
             self._tokenized.add("train")
-        if stage == "fit":
-            # Epoch i is task i: a fresh train loader each epoch, and the stream's end is the fit's end.
-            self.trainer.fit_loop.max_epochs = len(self.tasks)
-            self.trainer.reload_dataloaders_every_n_epochs = 1
 
     @staticmethod
     def _load(source: Source, where: str):
