@@ -83,9 +83,26 @@ def note_length_events(module, batch: dict) -> None:
             module.log(f"train/{key}_samples", float(counts[key]))
 
 
+def length_counts(module) -> dict:
+    """This rank's counters, for the checkpoint (a resumed run goes on counting, not from zero)."""
+    return {"run": module.__dict__.get("_length_counts"), "task": module.__dict__.get("_task_length_counts")}
+
+
+def restore_length_counts(module, state: dict | None) -> None:
+    for key, attr in (("run", "_length_counts"), ("task", "_task_length_counts")):
+        if state and state.get(key):
+            module.__dict__[attr] = dict(state[key])
+
+
 def print_length_summary(module, task: int) -> None:
-    """One line per task when some samples were skipped or truncated; resets the task's tally."""
-    counts = module.__dict__.pop("_task_length_counts", None) or {}
+    """One line per task when some samples were skipped or truncated (summed over ranks; every rank
+    must call it); resets the task's tally."""
+    local = module.__dict__.pop("_task_length_counts", None) or {"skipped": 0, "truncated": 0}
+    strategy = module.trainer.strategy
+    counts = {
+        k: int(strategy.reduce(torch.tensor(float(v), device=module.device), reduce_op="sum"))
+        for k, v in local.items()
+    }
     if any(counts.values()) and module.global_rank_zero():
         name = module.stream.tasks[task].name
         limit = module.stream.max_length

@@ -18,7 +18,14 @@ import torch
 from mllm_cl import checkpointing, generation
 from mllm_cl.data.collate import BOOKKEEPING_KEYS
 from mllm_cl.families import get_family
-from mllm_cl.guards import check_policy, guard_loss, note_length_events, print_length_summary
+from mllm_cl.guards import (
+    check_policy,
+    guard_loss,
+    length_counts,
+    note_length_events,
+    print_length_summary,
+    restore_length_counts,
+)
 from mllm_cl.optim import TaskSchedule, param_groups, reset_optimizer_state
 from mllm_cl.results import StreamResults, atomic_write
 from mllm_cl.sharding import check_attn_implementation, local_log_dir, shard_model
@@ -312,6 +319,7 @@ class MLLMModule(L.LightningModule):
             "results": self.results.to_dict() if self.results else None,
             "task_started": self.task_started,
             "strategies": [s.state_dict() for s in self.all_strategies],
+            "length_counts": length_counts(self),
         }
         checkpointing.on_save(self, checkpoint)  # drops frozen weights, adds RNG + identity
 
@@ -321,5 +329,6 @@ class MLLMModule(L.LightningModule):
         if state.get("results"):
             self.results = StreamResults.from_dict(state["results"])
         self.task_started = state.get("task_started", -1)
+        restore_length_counts(self, state.get("length_counts"))
         for strategy, s_state in zip(self.all_strategies, state.get("strategies", []), strict=False):
             strategy.load_state_dict(s_state)

@@ -295,6 +295,9 @@ def test_overlength_is_counted_never_silent(tmp_path, capsys, policy):
     (line,) = [x for x in out.splitlines() if "for data.max_length" in x]
     want = "2 samples skipped and 0 truncated" if policy == "skip" else "0 samples skipped and 2 truncated"
     assert want in line and "task 0 (t)" in line
+    # The run's counters are in the checkpoint, so a resumed run goes on counting from 2, not 0.
+    ckpt = torch.load(tmp_path / "runs" / "bad" / "fixed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["mllm_cl"]["length_counts"]["run"][key] == 2
 
 
 @pytest.mark.parametrize(
