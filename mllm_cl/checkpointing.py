@@ -44,11 +44,9 @@ class TaskCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer, pl_module):
         super().on_train_epoch_end(trainer, pl_module)
-        if (
-            self._every_n_train_steps > 0
-            and self.save_last
-            and not self._should_skip_saving_checkpoint(trainer)
-        ):
+        # Lightning 2.6 writes last.ckpt at epoch end only when a top-k checkpoint was written at the
+        # same step; with save_top_k=0 (our default) that never happens, so write it here.
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
@@ -75,6 +73,20 @@ def set_rng_state(state: dict) -> None:
 # ---- save / load hooks (called from MLLMModule) ---------------------------------------------
 def trainable_names(module) -> list[str]:
     return [f"model.{n}" for n, p in module.model.named_parameters() if p.requires_grad]
+
+
+def load_any(path: str) -> dict:
+    """A training checkpoint as one dict: a .ckpt file, or an FSDP2 distributed checkpoint folder
+    (its shards gathered on CPU in this process, no process group needed)."""
+    if not os.path.isdir(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(path, os.path.join(tmp, "full.pt"))
+        checkpoint = torch.load(os.path.join(tmp, "full.pt"), map_location="cpu", weights_only=True)
+    checkpoint.update(torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=True))
+    return checkpoint
 
 
 def on_save(module, checkpoint: dict) -> None:
@@ -142,6 +154,8 @@ def check_ckpt_file(path: str | None) -> None:
     """One-line error for a missing, corrupt or unsafe checkpoint file (before any training)."""
     if not path or path in ("last", "best", "hpc", "registry"):
         return
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "meta.pt")):
+        path = os.path.join(path, "meta.pt")  # FSDP2 distributed checkpoint: check its metadata file
     if not os.path.isfile(path):
         raise ConfigError(f"--ckpt_path {path}: file not found; pass a .ckpt written by `fit` or 'last'")
     try:

@@ -141,7 +141,7 @@ def load_trained(config: str, ckpt_path: str | None):
     module.configure_model()
     if ckpt_path:
         checkpointing.check_ckpt_file(ckpt_path)
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        checkpoint = checkpointing.load_any(ckpt_path)  # a .ckpt file or an FSDP2 checkpoint folder
         module.on_load_checkpoint(checkpoint)  # refuses another family / recipe; restores strategies
         module.load_state_dict(checkpoint["state_dict"], strict=False)  # frozen weights come from config
     return module

@@ -98,6 +98,9 @@ class MLLMModule(L.LightningModule):
         self.results: StreamResults | None = None
         self.task_started = -1  # index of the last task whose start hooks ran (resume-safe)
         self.param_counts: dict[str, dict[str, int]] = {}
+        # Checkpoints leave frozen weights out (they come from the config / pretrained path), so every
+        # loader, including the strategies' own (FSDP full checkpoints), must load non-strictly.
+        self.strict_loading = False
 
     # ---- building ---------------------------------------------------------------------------
     @property

@@ -34,6 +34,7 @@ do not cut the gradient to trainable layers (transformers #23170; tested in test
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
@@ -177,6 +178,47 @@ class FSDP2(ModelParallelStrategy):
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        """Resume from a distributed checkpoint that holds only the trainable weights.
+
+        Lightning's loader asks DCP for every parameter of the model and fails on the frozen ones,
+        which our checkpoints leave out (they come from the config / pretrained path). Here DCP loads
+        what the checkpoint has (`allow_partial_load`), then the optimizer, as Lightning does.
+        """
+        from lightning.fabric.strategies.model_parallel import _is_sharded_checkpoint
+
+        path = Path(self.broadcast(checkpoint_path))
+        if not _is_sharded_checkpoint(path):
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        from torch.distributed.checkpoint import load
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        saved = {k.split(".", 1)[1] for k in _dcp_keys(path) if k.startswith("state_dict.")}
+        state = {k: v for k, v in get_model_state_dict(self.model).items() if k in saved}
+        load({"state_dict": state}, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+        set_model_state_dict(self.model, state, options=StateDictOptions(strict=False))
+        for i, optimizer in enumerate(self.optimizers):
+            optim = {f"optimizer_{i}": get_optimizer_state_dict(self.model, optimizer)}
+            load(optim, checkpoint_id=path)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optim[f"optimizer_{i}"])
+        metadata = torch.load(path / "meta.pt", weights_only=weights_only)
+        metadata["state_dict"] = state  # what was loaded: MLLMModule.on_load_checkpoint checks it
+        return metadata
+
+
+def _dcp_keys(path: Path) -> set[str]:
+    """Flattened keys stored in a torch.distributed.checkpoint folder."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
 
 class LayerWiseFSDP(FSDPStrategy):
     """FSDP1 wrapping each transformer block of the family, for GPU users (see the module doc).
@@ -189,7 +231,8 @@ class LayerWiseFSDP(FSDPStrategy):
     Args:
         cpu_offload: keep parameters (and gradients) in CPU memory between uses; slower.
         sharding_strategy: FULL_SHARD, SHARD_GRAD_OP, NO_SHARD or HYBRID_SHARD.
-        state_dict_type: "sharded" (one file per rank) or "full" checkpoints.
+        state_dict_type: "full" (rank 0 writes one file; resumes with frozen weights left out) or
+            "sharded" (one file per rank; Lightning's FSDP1 loader then expects every weight).
         **kwargs: further arguments of `lightning.pytorch.strategies.FSDPStrategy`.
     """
 
@@ -197,7 +240,7 @@ class LayerWiseFSDP(FSDPStrategy):
         self,
         cpu_offload: bool = False,
         sharding_strategy: str = "FULL_SHARD",
-        state_dict_type: str = "sharded",
+        state_dict_type: str = "full",
         **kwargs,
     ):
         kwargs.setdefault("use_orig_params", True)

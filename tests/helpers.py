@@ -23,8 +23,9 @@ def quiet_trainer(tmp_path, **kwargs) -> L.Trainer:
     return L.Trainer(**{**options, **kwargs})
 
 
-def write_config(tmp: Path, name: str, model: dict, data: dict) -> Path:
-    """tmp/name.yaml from `model` / `data`: seed 0, deterministic CPU, TensorBoard run dir tmp/name/v."""
+def write_config(tmp: Path, name: str, model: dict, data: dict, **trainer) -> Path:
+    """tmp/name.yaml from `model` / `data`: seed 0, deterministic CPU, TensorBoard run dir tmp/name/v;
+    `trainer` adds or overrides trainer options."""
     cfg = {
         "seed_everything": 0,
         "trainer": {
@@ -36,6 +37,7 @@ def write_config(tmp: Path, name: str, model: dict, data: dict) -> Path:
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": str(tmp), "name": name, "version": "v"},
             },
+            **trainer,
         },
         "model": model,
         "data": data,

@@ -110,6 +110,21 @@ class WeightsAudit(L.Callback):
             torch.save(record, Path(self.out, "weights.pt"))
 
 
+class Interrupt(L.Callback):
+    """Ends every process abruptly (like a preempted job) when task `at_task` starts.
+
+    Args:
+        at_task: index of the task at whose start the processes die.
+    """
+
+    def __init__(self, at_task: int = 1):
+        self.at_task = at_task
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.at_task:
+            os._exit(3)
+
+
 def run_cli(tmp_path: Path, *extra: str) -> tuple[Path, list[dict]]:
     args = [
         sys.executable, "-m", "mllm_cl", "fit", "--config", str(CONFIG), *extra,
@@ -264,3 +279,54 @@ def test_compile_under_fsdp2_trains_like_eager(tmp_path):
     assert eager["steps"] == compiled["steps"] == 10
     for key, value in eager["weights"].items():
         assert torch.allclose(value, compiled["weights"][key], atol=1e-5, rtol=1e-4), key
+
+
+@pytest.mark.slow  # ~60 s alone
+def test_fsdp2_resume_from_a_distributed_checkpoint_and_export_it(tmp_path):
+    """Killed after task 1, resumed from the sharded checkpoint (trainable weights only): same final
+    weights and matrix as a run never stopped; `export` turns the checkpoint folder into HF weights."""
+    import torch
+
+    from mllm_cl.families import get_family
+
+    fsdp2 = ["--config", str(ROOT / "configs" / "trainer_fsdp_multigpu.yaml")]
+    audit = ["--trainer.callbacks+=tests.test_multiprocess.WeightsAudit"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    run_cli(whole, *fsdp2, *audit, f"--trainer.callbacks.out={whole}")
+
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    base = [
+        sys.executable, "-m", "mllm_cl", "fit", "--config", str(CONFIG), *fsdp2, "--trainer.accelerator", "cpu",
+        "--trainer.devices", "2", "--trainer.precision", "32-true", "--trainer.default_root_dir", str(cut),
+        "--trainer.logger.init_args.save_dir", str(cut / "runs"),
+    ]  # fmt: skip
+    died = subprocess.run([*base, "--trainer.callbacks+=tests.test_multiprocess.Interrupt"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert died.returncode != 0
+    (ckpt,) = list((cut / "runs").glob("*/version_*/checkpoints/last.ckpt"))
+    assert ckpt.is_dir() and (ckpt / "meta.pt").is_file()  # a distributed checkpoint: one shard per rank
+    resumed = subprocess.run([*base, *audit, f"--trainer.callbacks.out={cut}", "--ckpt_path", "last"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+
+    want = torch.load(whole / "weights.pt", weights_only=True)
+    got = torch.load(cut / "weights.pt", weights_only=True)
+    assert got["steps"] == want["steps"] == 10
+    for key, value in want["weights"].items():
+        assert torch.allclose(got["weights"][key], value, atol=1e-6), key
+    results = [
+        json.loads(next((d / "runs").glob("*/version_*/results.json")).read_text()) for d in (whole, cut)
+    ]
+    assert results[0]["matrix"] == results[1]["matrix"] and len(results[1]["matrix"]) == 3
+
+    out = tmp_path / "hf"
+    export = [sys.executable, "-m", "mllm_cl", "export", "--config", str(CONFIG), "--ckpt_path", str(ckpt),
+              "--out", str(out)]  # fmt: skip
+    done = subprocess.run(export, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-4000:]
+    exported = dict(get_family("llava").model_class.from_pretrained(out).named_parameters())
+    for key, value in got["weights"].items():
+        assert torch.allclose(exported[key], value, atol=1e-6), key

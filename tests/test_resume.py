@@ -175,3 +175,36 @@ def test_results_are_written_atomically(tmp_path):
         atomic_write(str(target), 12345)  # the temp file is opened, then writing fails
     assert target.read_text() == '{"rows": 1}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+class SeeLast(L.Callback):
+    """Records, at each task start, the task index stored in last.ckpt (None when there is none).
+
+    Args:
+        path: the last.ckpt to look at.
+    """
+
+    seen: list = []
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        exists = os.path.exists(self.path)
+        SeeLast.seen.append(torch.load(self.path, weights_only=True)["epoch"] if exists else None)
+
+
+def test_default_fit_writes_last_ckpt_at_every_task_end(tmp_path):
+    """Resuming at a task boundary needs last.ckpt after each task with the default checkpoint options."""
+    from mllm_cl.cli import main
+    from tests.helpers import write_config
+
+    last = tmp_path / "run" / "v" / "checkpoints" / "last.ckpt"
+    tasks = [{"name": f"t{i}", "train": _synthetic("colour", 8, i), "steps": 2} for i in range(3)]
+    see = {"class_path": "tests.test_resume.SeeLast", "init_args": {"path": str(last)}}
+    model = {"family": "llava", "recipe": {"class_path": "SAProj"}, "max_new_tokens": 1}
+    SeeLast.seen = []
+    main(["fit", "--config", str(write_config(tmp_path, "run", model, {"batch_size": 4, "tasks": tasks},
+                                              callbacks=[see]))])  # fmt: skip
+    assert SeeLast.seen == [None, 0, 1]  # written when tasks 0 and 1 ended
+    assert torch.load(last, weights_only=True)["epoch"] == 2
