@@ -208,7 +208,7 @@ class FSDP2(ModelParallelStrategy):
             optim = {f"optimizer_{i}": get_optimizer_state_dict(self.model, optimizer)}
             load(optim, checkpoint_id=path)
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optim[f"optimizer_{i}"])
-        metadata = torch.load(path / "meta.pt", weights_only=weights_only)
+        metadata = torch.load(path / "meta.pt", weights_only=True)  # ours: tensors and plain types only
         metadata["state_dict"] = state  # what was loaded: MLLMModule.on_load_checkpoint checks it
         return metadata
 
