@@ -23,27 +23,28 @@ def quiet_trainer(tmp_path, **kwargs) -> L.Trainer:
     return L.Trainer(**{**options, **kwargs})
 
 
-def write_config(tmp: Path, name: str, model: dict, data: dict, **trainer) -> Path:
-    """tmp/name.yaml from `model` / `data`: seed 0, deterministic CPU, TensorBoard run dir tmp/name/v;
-    `trainer` adds or overrides trainer options."""
-    cfg = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "deterministic": True,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(tmp), "name": name, "version": "v"},
-            },
-            **trainer,
-        },
-        "model": model,
-        "data": data,
+def cli_config(
+    save_dir: Path, name: str, model: dict, data: dict, version: str | None = None, **trainer
+) -> dict:
+    """A `fit` config: seed 0, one CPU device, no progress bar or summary, TensorBoard run dir
+    save_dir/name/<version>; `trainer` adds or overrides trainer options."""
+    logger = {"save_dir": str(save_dir), "name": name, **({"version": version} if version else {})}
+    options = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": logger},
     }
+    return {"seed_everything": 0, "trainer": {**options, **trainer}, "model": model, "data": data}
+
+
+def write_config(tmp: Path, name: str, model: dict, data: dict, **trainer) -> Path:
+    """tmp/name.yaml: `cli_config` with deterministic algorithms and the run dir tmp/name/v."""
     path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(
+        yaml.safe_dump(cli_config(tmp, name, model, data, version="v", **{"deterministic": True, **trainer}))
+    )
     return path
 
 

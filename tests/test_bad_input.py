@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 
 from mllm_cl.cli import main
+from tests.helpers import cli_config
 
 RESULTS_BEFORE = '{"from": "an earlier run"}\n'
 
@@ -41,25 +42,9 @@ def record(i: int = 0, image: str | None = "red.png", question: str = "<image>\n
 
 def config(tmp: Path, train: dict, **over) -> Path:
     """A one-task stream on a tiny LLaVA whose run directory is tmp/runs/bad/fixed."""
-    cfg = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(tmp / "runs"), "name": "bad", "version": "fixed"},
-            },
-        },
-        "model": {"family": "llava", "recipe": {"class_path": "SAProj"}, "max_new_tokens": 2},
-        "data": {
-            "batch_size": 2,
-            "eval_batch_size": 4,
-            "tasks": [{"name": "t", "train": train, "steps": 2}],
-        },
-    }
+    model = {"family": "llava", "recipe": {"class_path": "SAProj"}, "max_new_tokens": 2}
+    data = {"batch_size": 2, "eval_batch_size": 4, "tasks": [{"name": "t", "train": train, "steps": 2}]}
+    cfg = cli_config(tmp / "runs", "bad", model, data, version="fixed")
     for key, value in over.items():
         section, name = key.split("__")
         cfg[section][name] = value

@@ -21,6 +21,8 @@ import pytest
 import torch
 import yaml
 
+from tests.helpers import cli_config
+
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 20  # per task
 KILL_STEP = 31  # task 2 spans global steps 20..39; the last checkpoint before it is at 30
@@ -51,35 +53,13 @@ def stream_config(out: Path, recipe: str = "Full") -> dict:
         }
         for i, (name, skill) in enumerate([("t1", "colour"), ("t2", "shape"), ("t3", "spatial")])
     ]
-    return {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "deterministic": True,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(out / "runs"), "name": "resume"},
-            },
-            "callbacks": [{"class_path": "tests.test_resume.KillAt"}],
-        },
-        "checkpoint": {"every_n_train_steps": 3},
-        "model": {
-            "family": "llava",
-            "recipe": {"class_path": recipe},
-            "lr": 3.0e-3,
-            "warmup_ratio": 0.1,
-            "max_new_tokens": 3,
-        },
-        "data": {
-            "batch_size": 4,
-            "eval_batch_size": 8,
-            "tasks": tasks,
-            "heldout": [{"name": "held", "data": _synthetic("colour", 8, 30)}],
-        },
-    }
+    model = {"family": "llava", "recipe": {"class_path": recipe}, "lr": 3.0e-3, "warmup_ratio": 0.1,
+             "max_new_tokens": 3}  # fmt: skip
+    data = {"batch_size": 4, "eval_batch_size": 8, "tasks": tasks,
+            "heldout": [{"name": "held", "data": _synthetic("colour", 8, 30)}]}  # fmt: skip
+    callbacks = [{"class_path": "tests.test_resume.KillAt"}]
+    config = cli_config(out / "runs", "resume", model, data, deterministic=True, callbacks=callbacks)
+    return {**config, "checkpoint": {"every_n_train_steps": 3}}
 
 
 def fit(config_path: Path, *extra: str, kill_at: int | None = None) -> subprocess.CompletedProcess:

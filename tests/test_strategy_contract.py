@@ -26,6 +26,7 @@ from strategies.base import Strategy
 from strategies.freeze import Recipe, SAProj
 from strategies.l2_anchor import L2Anchor
 from strategies.wise_ft import WiSEFT
+from tests.helpers import cli_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = {"class_path": "Synthetic", "init_args": {"skill": "shape", "n": 8, "seed": 6, "image_size": 32}}
@@ -68,36 +69,24 @@ def config_for(name: str, family: str, tmp_path: Path) -> Path:
         }
 
     where, entry = SNIPPETS[name]
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(tmp_path / "runs"), "name": name},
-            },
-            "callbacks": [entry] if where == "trainer.callbacks" else [],
-        },
-        "model": {
-            "family": family,
-            "tiny": "tiny",
-            "recipe": {"class_path": "SAProj"},
-            "lr": 1e-3,
-            "strategies": [entry] if where == "model.strategies" else [],
-        },
-        "data": {
-            "batch_size": 2,
-            "eval_batch_size": 4,
-            "eval_limit": 2,
-            "tasks": [
-                {"name": "count", "train": src("count", 1, 8), "eval": src("count", 2, 2), "steps": 2},
-                {"name": "colour", "train": src("colour", 3, 8), "steps": 2},
-            ],
-        },
+    model = {
+        "family": family,
+        "tiny": "tiny",
+        "recipe": {"class_path": "SAProj"},
+        "lr": 1e-3,
+        "strategies": [entry] if where == "model.strategies" else [],
     }
+    data = {
+        "batch_size": 2,
+        "eval_batch_size": 4,
+        "eval_limit": 2,
+        "tasks": [
+            {"name": "count", "train": src("count", 1, 8), "eval": src("count", 2, 2), "steps": 2},
+            {"name": "colour", "train": src("colour", 3, 8), "steps": 2},
+        ],
+    }
+    callbacks = [entry] if where == "trainer.callbacks" else []
+    config = cli_config(tmp_path / "runs", name, model, data, callbacks=callbacks)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
