@@ -16,7 +16,7 @@ import torch
 
 from mllm_cl.errors import ConfigError, MllmClError
 from mllm_cl.families import Qwen25VLImageOnlyProcessor
-from mllm_cl.sharding import local_log_dir
+from mllm_cl.sharding import is_dtensor, local_log_dir
 
 # Jinja equivalents of `Family.render` (HF's apply_chat_template), for processors that have none.
 # Message content may be a string (with <image> marks) or HF's list of {"type": "image" | "text"}.
@@ -63,7 +63,7 @@ def plain_model(model):
 
 
 def is_sharded(model) -> bool:
-    return any(hasattr(p, "device_mesh") for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 def gathered_state_dict(model) -> dict[str, torch.Tensor]:

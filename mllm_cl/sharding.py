@@ -43,6 +43,11 @@ from torch import nn
 from mllm_cl.errors import ConfigError
 
 
+def is_dtensor(t) -> bool:
+    """A DTensor (an FSDP2 shard) rather than a plain tensor."""
+    return hasattr(t, "device_mesh")
+
+
 def check_attn_implementation(name: str | None) -> None:
     """One-line error when an attention kernel is asked for that is not installed."""
     if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:

@@ -25,6 +25,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
 from mllm_cl.errors import ConfigError
+from mllm_cl.sharding import is_dtensor
 from strategies.base import Strategy
 
 
@@ -36,7 +37,7 @@ def fresh_(weight: torch.Tensor, gen: torch.Generator) -> None:
     """
     full = torch.empty(weight.shape, dtype=weight.dtype)
     torch.nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=gen)
-    if hasattr(weight, "device_mesh"):  # DTensor: keep this rank's shard (every rank holds `full`)
+    if is_dtensor(weight):  # DTensor: keep this rank's shard (every rank holds `full`)
         from torch.distributed.tensor import distribute_tensor  # noqa: PLC0415
 
         mesh = weight.device_mesh

@@ -52,8 +52,9 @@ def save_atomically(dataset, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+def digest(*parts) -> str:
+    """Short stable hash of JSON-able parts (cache keys and table fingerprints)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def cache_key(fingerprint: str, encoder, prompt: bool = False) -> str:
@@ -81,7 +82,7 @@ def cache_key(fingerprint: str, encoder, prompt: bool = False) -> str:
         "overlength": encoder.overlength,
         "prompt": prompt,
     }
-    return _digest(parts)[:20]
+    return digest(parts)
 
 
 class _Records(Dataset):

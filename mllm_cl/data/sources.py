@@ -13,13 +13,13 @@ Subclass `Source` and implement `load` to add one.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import os
 from collections.abc import Sequence
 
 from PIL import Image
 
+from mllm_cl.data.cache import digest
 from mllm_cl.errors import DataError
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -142,7 +142,7 @@ class LlavaJson(Source):
                     )
         table = _LlavaTable(records, self.image_folder)
         stat = os.stat(self.path)  # key of data.cache_processed: the file's identity and version
-        table.fingerprint = _fingerprint(
+        table.fingerprint = digest(
             "llava", os.path.abspath(self.path), stat.st_size, stat.st_mtime_ns,
             os.path.abspath(self.image_folder), self.limit,
         )  # fmt: skip
@@ -244,7 +244,7 @@ class HFDataset(Source):
         table = _ColumnTable(ds, self)
         # `datasets` fingerprints a dataset by its files (or its saved state): the data.cache_processed key.
         columns = [self.image_column, self.question_column, self.answer_column, self.conversations_column]
-        table.fingerprint = _fingerprint("hf", ds._fingerprint, len(ds), columns)
+        table.fingerprint = digest("hf", ds._fingerprint, len(ds), columns)
         return table
 
 
@@ -290,15 +290,11 @@ class Synthetic(HFDataset):
         return self._table(ds)
 
 
-def _fingerprint(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
-
-
 class _Concat(Sequence):
     def __init__(self, tables: list):
         self.tables = tables
         prints = [getattr(t, "fingerprint", None) for t in tables]
-        self.fingerprint = None if None in prints else _fingerprint("concat", *prints)
+        self.fingerprint = None if None in prints else digest("concat", *prints)
         self.offsets = [0]
         for t in tables:
             self.offsets.append(self.offsets[-1] + len(t))
