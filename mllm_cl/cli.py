@@ -7,6 +7,7 @@ Importing `strategies` here is what lets YAML name strategy classes by short nam
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -57,32 +58,49 @@ class MllmCLI(LightningCLI):
         prepare_fit(self.trainer, self.config_init["fit"])
 
 
+# One registry: every subcommand, where it lives and its one-line help. Lightning's subcommands run
+# through `MllmCLI`; the others are imported by name only when called, so `report` and `plan` start
+# without loading models, and no library module needs to import this one.
+COMMANDS: dict[str, tuple[str | None, str]] = {
+    "fit": (None, "train the whole task stream; writes the accuracy matrix, checkpoints, TensorBoard logs"),
+    "validate": (None, "score a checkpoint (or the config's model) on every eval set"),
+    "test": (None, "same as validate, through Lightning's test loop"),
+    "plan": ("mllm_cl.plan:main", "trainable parameters and memory per GPU of a setup, before you launch"),
+    "report": ("mllm_cl.report:main", "compare runs: tables, continual-learning measures, plots, report.md"),
+    "export": ("mllm_cl.commands:export_main", "write a trained run as a Hugging Face checkpoint"),
+    "cache": ("mllm_cl.commands:cache_main", "pre-build the processed-data caches of a fit config"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return (
+        "usage: python -m mllm_cl <command> [options]\n\ncommands:\n"
+        + "\n".join(lines)
+        + "\n\n`python -m mllm_cl <command> --help` lists a command's options."
+    )
+
+
+def _command(target: str):
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``python -m mllm_cl`` and ``mllm-cl``."""
-    argv = sys.argv[1:] if args is None else args
-    if argv and argv[0] == "report":
-        from mllm_cl.report import main as report_main
+    """Entry point of ``python -m mllm_cl`` and ``mllm-cl``: one error policy for every subcommand.
 
-        sys.exit(report_main(argv[1:]))
-    if argv and argv[0] == "plan":
-        from mllm_cl.plan import main as plan_main
-
-        sys.exit(plan_main(argv[1:]))
-    if argv and argv[0] == "export":
-        from mllm_cl.export import main as export_main
-
-        sys.exit(export_main(argv[1:]))
+    A `MllmClError` or a config-parsing error prints one ``error: ...`` line and exits 2.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        sys.exit(0 if argv else 2)
+    target = COMMANDS.get(argv[0], (None, ""))[0]
     try:
-        if argv and argv[0] == "cache":
-            from mllm_cl.data.cache import main as cache_main
-
-            sys.exit(cache_main(argv[1:]))
-        MllmCLI(
-            MLLMModule,
-            TaskStream,
-            args=argv,
-            save_config_kwargs={"overwrite": True},
-        )
+        if target is not None:
+            sys.exit(_command(target)(argv[1:]))
+        MllmCLI(MLLMModule, TaskStream, args=argv, save_config_kwargs={"overwrite": True})
     except (MllmClError, ArgumentError) as err:
         print(
             f"error: {one_line(err) if isinstance(err, MllmClError) else argument_line(err)}", file=sys.stderr

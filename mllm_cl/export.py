@@ -6,15 +6,12 @@ What users hand to vLLM or lmms-eval; `LlavaForConditionalGeneration.from_pretra
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
-import sys
 
 import lightning as L
 import torch
 
-from mllm_cl.errors import ConfigError, MllmClError
 from mllm_cl.families import Qwen25VLImageOnlyProcessor
 from mllm_cl.sharding import is_dtensor, local_log_dir
 
@@ -129,24 +126,6 @@ class ExportHF(L.Callback):
         export_hf(pl_module.model, pl_module.processor, out, pl_module.family.name, state)
 
 
-def load_trained(config: str, ckpt_path: str | None):
-    """The `MLLMModule` of `config` with the trained weights and strategy state of `ckpt_path`."""
-    from mllm_cl import checkpointing
-    from mllm_cl.cli import MllmCLI
-    from mllm_cl.data.stream import TaskStream
-    from mllm_cl.module import MLLMModule
-
-    cli = MllmCLI(MLLMModule, TaskStream, args=["--config", config], run=False)
-    module = cli.model
-    module.configure_model()
-    if ckpt_path:
-        checkpointing.check_ckpt_file(ckpt_path)
-        checkpoint = checkpointing.load_any(ckpt_path)  # a .ckpt file or an FSDP2 checkpoint folder
-        module.on_load_checkpoint(checkpoint)  # refuses another family / recipe; restores strategies
-        module.load_state_dict(checkpoint["state_dict"], strict=False)  # frozen weights come from config
-    return module
-
-
 def merged_model(module):
     """The plain HF model: strategies that wrap it (LoRA) merge their weights first."""
     for strategy in module.all_strategies:
@@ -156,24 +135,3 @@ def merged_model(module):
     if callable(getattr(model, "merge_and_unload", None)):  # a peft wrapper left in place
         model = model.merge_and_unload()
     return model
-
-
-def main(argv: list[str]) -> int:
-    """``python -m mllm_cl export --config CONFIG --ckpt_path CKPT --out DIR``."""
-    parser = argparse.ArgumentParser(prog="python -m mllm_cl export", description=__doc__)
-    parser.add_argument("--config", required=True, help="the YAML the run was trained with")
-    parser.add_argument("--ckpt_path", help="a .ckpt written by fit (e.g. .../checkpoints/last.ckpt)")
-    parser.add_argument("--out", required=True, help="output directory (Hugging Face layout)")
-    args = parser.parse_args(argv)
-    try:
-        if not os.path.isfile(args.config):
-            raise ConfigError(f"--config {args.config}: file not found")
-        module = load_trained(args.config, args.ckpt_path)
-        export_hf(merged_model(module), module.processor, args.out, module.family.name)
-    except MllmClError as err:
-        from mllm_cl.guards import one_line
-
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 2
-    print(f"[mllm_cl] exported {module.family.name} to {args.out}")
-    return 0

@@ -15,23 +15,43 @@ Why batching can change answers (lmms-eval #236, LLaVA #1928) and what we do abo
 
 Stop strings end a row's generation early (a `StoppingCriteria` on the decoded text) and cut the
 decoded answer at the first stop string.
+
+Generation is truly greedy whatever the checkpoint's `generation_config.json` says: sampling, beams
+and every logit processor a config can switch on (repetition penalty, n-gram blocking, forced or
+suppressed tokens, minimum length) are overridden, as the papers' evaluation decodes greedily.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
 from collections.abc import Sequence
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from mllm_cl.data.collate import BOOKKEEPING_KEYS
-from mllm_cl.errors import ConfigError
-from mllm_cl.metrics import build_metric
 
 NOT_MODEL_INPUTS = ("labels", *BOOKKEEPING_KEYS)
+
+# Keyword arguments to `generate` outrank the model's generation_config (transformers 5): these make
+# decoding plain argmax whatever a checkpoint ships (e.g. Qwen2.5-VL's repetition_penalty 1.05, top_k 1).
+GREEDY = {
+    "do_sample": False,
+    "num_beams": 1,
+    "temperature": None,
+    "top_p": None,
+    "top_k": None,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "bad_words_ids": None,
+    "sequence_bias": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None,
+}
 
 
 class StopOnStrings(StoppingCriteria):
@@ -75,8 +95,7 @@ def generate_ids(
     return model.generate(
         **inputs,
         max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
+        **GREEDY,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.convert_tokens_to_ids(eos_token),
         stopping_criteria=criteria,
@@ -99,101 +118,3 @@ def generate(
     out = generate_ids(model, tokenizer, eos_token, batch, max_new_tokens, stop, synced_gpus)
     new = out[:, batch["input_ids"].shape[1] :]
     return [cut_at_stop(t, stop).strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-
-
-def eval_options(stream, column: int) -> dict:
-    """Per-eval-set settings of a `TaskStream` column (tasks with an eval set first, then held-out)."""
-    owners = [t for t in stream.tasks if t.eval is not None] + list(stream.heldout)
-    owner = owners[column]
-    return {
-        "metric_args": dict(owner.metric_args or {}),
-        "eval_batch_size": owner.eval_batch_size,
-        "max_new_tokens": owner.max_new_tokens,
-        "stop": list(owner.stop) if owner.stop else None,
-        # A task's own eval set is in-domain for both axes by construction.
-        "image_domain": getattr(owner, "image_domain", "id"),
-        "text_domain": getattr(owner, "text_domain", "id"),
-    }
-
-
-def build_eval_metric(stream, column: int):
-    """The column's metric with its `metric_args`; a bad name or argument -> one-line ConfigError."""
-    name, args = stream.eval_metric(column), eval_options(stream, column)["metric_args"]
-    try:
-        return build_metric(name, **args)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(
-            f"eval set {stream.eval_names[column]!r}: metric {name!r} with metric_args {args}: {err}"
-        ) from err
-
-
-def score_batch(module, batch: dict, metric, column_options: dict) -> list[str]:
-    """Generate answers for one eval batch and add the weighted ones to `metric`; returns the answers."""
-    preds = module.generate(batch, column_options.get("max_new_tokens"), column_options.get("stop"))
-    kept = [(p, m) for p, m in zip(preds, batch["meta"], strict=True) if m["weight"]]
-    if kept:
-        answers = [m["answers"] for _, m in kept]
-        if all("labels" in m for _, m in kept) and _takes_labels(metric):
-            metric.update([p for p, _ in kept], answers, labels=[m["labels"] for _, m in kept])
-        else:
-            metric.update([p for p, _ in kept], answers)
-    return preds
-
-
-def _takes_labels(metric) -> bool:
-    import inspect
-
-    return "labels" in inspect.signature(metric.update).parameters
-
-
-_CHOOSE = re.compile(r"choose one of:\s*(.+?)\.?\s*$", re.IGNORECASE | re.DOTALL)
-
-
-def prompt_labels(sample: dict) -> list[str] | None:
-    """A sample's label set: its `labels` field, else parsed from "Choose one of: a, b, c." in its last question."""
-    if sample.get("labels"):
-        return [str(x) for x in sample["labels"]]
-    users = [m["content"] for m in sample.get("messages", []) if m["role"] == "user"]
-    found = _CHOOSE.search(users[-1]) if users else None
-    return [x.strip() for x in found.group(1).split(",") if x.strip()] if found else None
-
-
-def eval_domains(stream) -> dict[str, dict[str, str]]:
-    """{column: {"image": ..., "text": ...}} of every eval set, for the 2x2 ID/OOD report."""
-    domains = {}
-    for column, name in enumerate(stream.eval_names):
-        options = eval_options(stream, column)
-        for axis in ("image_domain", "text_domain"):
-            if options[axis] not in ("id", "ood"):
-                raise ConfigError(f"eval set {name!r}: {axis}={options[axis]!r}; use 'id' or 'ood'")
-        domains[name] = {"image": options["image_domain"], "text": options["text_domain"]}
-    return domains
-
-
-def write_eval_results(module, values: dict, counts: dict | None = None) -> str | None:
-    """`eval_<validate|test>.json` in the run dir: what was evaluated and the accuracy per eval set."""
-    from mllm_cl.results import atomic_write
-    from mllm_cl.sharding import local_log_dir  # trainer.log_dir broadcasts: a rank-0-only call would hang
-
-    trainer = module.trainer
-    log_dir = local_log_dir(trainer) if trainer.is_global_zero else None
-    if not log_dir:
-        return None
-
-    stage = str(trainer.state.fn.value if hasattr(trainer.state.fn, "value") else trainer.state.fn)
-    record = {
-        "stage": stage,
-        "ckpt_path": trainer.ckpt_path,
-        "pretrained": module.hparams.get("pretrained"),
-        "accuracy": {k: float(v) for k, v in values.items()},
-        "samples": counts or {},  # scored samples per eval set, over all ranks
-        "domains": eval_domains(trainer.datamodule),
-    }
-    path = os.path.join(log_dir, f"eval_{stage}.json")
-    atomic_write(path, json.dumps(record, indent=2))
-    print(
-        f"[mllm_cl] {stage}: "
-        + ", ".join(f"{k}={v:.3f}" for k, v in record["accuracy"].items())
-        + f" -> {path}"
-    )
-    return path

@@ -15,7 +15,7 @@ import os
 import lightning as L
 import torch
 
-from mllm_cl import checkpointing, generation
+from mllm_cl import checkpointing, evaluation, generation
 from mllm_cl.data.collate import BOOKKEEPING_KEYS
 from mllm_cl.families import get_family
 from mllm_cl.guards import (
@@ -198,7 +198,7 @@ class MLLMModule(L.LightningModule):
             self.results = StreamResults(
                 [t.name for t in self.stream.tasks], [h.name for h in self.stream.heldout]
             )
-            self.results.domains = generation.eval_domains(self.stream)
+            self.results.domains = evaluation.eval_domains(self.stream.columns)
         self._write_run_info()
         if not self.results.rows:
             self._evaluate_row("base")
@@ -225,7 +225,8 @@ class MLLMModule(L.LightningModule):
         self._evaluate_row(self.stream.tasks[task].name)
 
     def _evaluate_row(self, label: str):
-        accuracies = self.evaluate_all()
+        results = self.evaluate_all()
+        accuracies = {name: r.value for name, r in results.items()}
         self.results.add_row(label, accuracies)
         row = len(self.results.rows) - 1
         if self.logger is not None:
@@ -233,11 +234,21 @@ class MLLMModule(L.LightningModule):
                 f"matrix/{c}": v for c, v in zip(self.results.columns, self.results.rows[-1], strict=True)
             }
             metrics.update({f"stream/{k}": v for k, v in self.results.summary().items() if "/" not in k})
+            metrics.update({f"parts/{n}/{k}": v for n, r in results.items() for k, v in r.parts.items()})
             self.logger.log_metrics(metrics, step=row)
+        self._write_predictions(f"{row}_{label}", results)
         if self.global_rank_zero():
             print(f"[mllm_cl] after {label}: " + ", ".join(f"{k}={v:.3f}" for k, v in accuracies.items()))
             if self.run_dir:
                 self.results.write(self.run_dir)
+
+    def _write_predictions(self, row: str, results: dict) -> None:
+        """`predictions/<row>/<set>.jsonl` in the run directory (every rank's samples, rank 0 writes)."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        for result in results.values():
+            result.records = evaluation.gather_records(result.records, world)
+        if self.global_rank_zero() and self.run_dir:
+            evaluation.write_predictions(os.path.join(self.run_dir, "predictions", row), results)
 
     @property
     def run_dir(self) -> str | None:
@@ -274,43 +285,30 @@ class MLLMModule(L.LightningModule):
             synced_gpus=self.trainer.world_size > 1 if self._trainer is not None else False,
         )
 
-    def score_batch(self, batch: dict, metric, options: dict | None = None) -> None:
-        generation.score_batch(self, batch, metric, options or {})
-
-    def evaluate_all(self) -> dict[str, float]:
-        """Score every eval set of the stream (tasks first, then held-out)."""
-        was_training = self.model.training
-        self.model.eval()
+    def evaluate_all(self) -> dict[str, evaluation.ColumnResult]:
+        """Score every eval set of the stream (tasks first, then held-out): {name: ColumnResult}."""
         rank, world = (self.trainer.global_rank, self.trainer.world_size)
-        results = {}
-        for column, name in enumerate(self.stream.eval_names):
-            metric = generation.build_eval_metric(self.stream, column).to(self.device)
-            for batch in self.stream.eval_loader(column, rank, world):
-                self.score_batch(self._to_device(batch), metric, self.stream.eval_options(column))
-            results[name] = float(metric.compute())
-        self.model.train(was_training)
-        return results
+        return evaluation.evaluate(
+            self, self.stream.columns, lambda c: self.stream.eval_loader(c, rank, world)
+        )
 
-    def _to_device(self, batch: dict) -> dict:
-        return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-    # validate / test subcommands: the same scoring through Lightning's evaluation loop.
+    # validate / test subcommands: the same scorers, fed by Lightning's evaluation loop.
     def on_validation_epoch_start(self):
-        self._val_metrics = [
-            generation.build_eval_metric(self.stream, c).to(self.device)
-            for c in range(len(self.stream.eval_names))
-        ]
+        self._scorers = [evaluation.ColumnScorer(c, self.device) for c in self.stream.columns]
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
-        self.score_batch(batch, self._val_metrics[dataloader_idx], self.stream.eval_options(dataloader_idx))
+        self._scorers[dataloader_idx].add(self, batch)
 
     def on_validation_epoch_end(self):
-        values, counts = {}, {}
-        for name, metric in zip(self.stream.eval_names, self._val_metrics, strict=True):
-            values[name] = metric.compute()
-            counts[name] = int(self.trainer.strategy.reduce(metric.total.float(), reduce_op="sum"))
-            self.log(f"eval/{name}", values[name], add_dataloader_idx=False)
-        generation.write_eval_results(self, values, counts)  # eval_<validate|test>.json in the run dir
+        reduce_sum = lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
+        results = {s.column.name: s.result(reduce_sum) for s in self._scorers}
+        for name, result in results.items():
+            self.log(f"eval/{name}", result.value, add_dataloader_idx=False)
+        stage = str(getattr(self.trainer.state.fn, "value", self.trainer.state.fn))
+        self._write_predictions(stage, results)
+        log_dir = local_log_dir(self.trainer) if self.trainer.is_global_zero else None
+        if log_dir:  # trainer.log_dir broadcasts: a rank-0-only call would hang
+            evaluation.write_eval_results(self, results, log_dir)
 
     on_test_epoch_start = on_validation_epoch_start
     test_step = validation_step

@@ -20,12 +20,10 @@ import json
 import os
 
 import lightning as L
-import torch
 
-from mllm_cl.data.collate import Encoder
 from mllm_cl.data.sources import Source
 from mllm_cl.errors import ConfigError, DataError
-from mllm_cl.metrics import build_metric
+from mllm_cl.evaluation import EvalColumn, evaluate, prompt_batches
 from mllm_cl.probe import probe
 from mllm_cl.sharding import local_log_dir
 
@@ -116,25 +114,12 @@ class CountingBiasProbe(L.Callback):
                     fh.write(json.dumps(record) + "\n")
         return scalars
 
-    @torch.no_grad()
     def _accuracy(self, pl_module) -> float:
-        encoder = Encoder(pl_module.family, pl_module.processor, max_length=10**9)
-        metric = build_metric(self.metric)
-        was_training = pl_module.model.training
-        pl_module.model.eval()
-        try:
-            for start in range(0, len(self._heldout), self.batch_size):
-                samples = self._heldout[start : start + self.batch_size]
-                batch = encoder.collate([encoder.encode_prompt(s) for s in samples], padding_side="left")
-                batch = {
-                    k: (v.to(pl_module.device) if isinstance(v, torch.Tensor) else v)
-                    for k, v in batch.items()
-                }
-                preds = pl_module.generate(batch, self.max_new_tokens)
-                metric.update(preds, [s["answers"] for s in samples])
-        finally:
-            pl_module.model.train(was_training)
-        return float(metric.compute())
+        column = EvalColumn("heldout", self._heldout, self.metric, max_new_tokens=self.max_new_tokens)
+        results = evaluate(
+            pl_module, [column], lambda _: prompt_batches(pl_module, self._heldout, self.batch_size)
+        )
+        return results["heldout"].value
 
     def state_dict(self):
         return {"history": self.history}

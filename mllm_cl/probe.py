@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mllm_cl.data.collate import Encoder
+from mllm_cl.evaluation import eval_mode, prompt_batches
 from mllm_cl.generation import generate_ids
 
 _WORDS = (
@@ -88,7 +88,6 @@ def _batch_stats(module, batch: dict, number_ids: torch.Tensor, max_new_tokens: 
     return rows
 
 
-@torch.no_grad()
 def probe(module, samples: Sequence[dict], batch_size: int = 16, max_new_tokens: int = 8) -> dict[str, float]:
     """Counting-bias statistics of `module` (an `MLLMModule` with a built model) on `samples`.
 
@@ -100,18 +99,10 @@ def probe(module, samples: Sequence[dict], batch_size: int = 16, max_new_tokens:
     number_ids = torch.tensor(number_token_ids(tok), device=module.device)
     if number_ids.numel() == 0:
         raise ValueError("the tokenizer has no number tokens; the counting-bias probe is undefined")
-    encoder = Encoder(module.family, module.processor, max_length=10**9)
-    was_training = module.model.training
-    module.model.eval()
     rows = []
-    try:
-        for start in range(0, len(samples), batch_size):
-            items = [encoder.encode_prompt(s) for s in samples[start : start + batch_size]]
-            batch = encoder.collate(items, padding_side="left")
-            batch = {k: (v.to(module.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    with eval_mode(module.model):
+        for batch in prompt_batches(module, samples, batch_size):
             rows += _batch_stats(module, batch, number_ids, max_new_tokens)
-    finally:
-        module.model.train(was_training)
     out: dict[str, float] = {"n": float(len(rows))}
     for key in rows[0]:
         values = torch.tensor([r[key] for r in rows], dtype=torch.float64)

@@ -19,12 +19,23 @@ from dataclasses import dataclass, field
 from mllm_cl.continual import per_row_summary, summarize
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, text: str) -> None:
-    """Write `text` to `path` via a temp file in the same folder and os.replace."""
+    """Write `text` to `path` via a temp file in the same folder and os.replace.
+
+    The file gets the mode a plain `open` would give (0644 under the usual umask), not mkstemp's
+    0600: result files are read by other users and by serving processes.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()

@@ -97,7 +97,7 @@ class WiSEFT(Callback):
         best, best_score = self.alphas[0], -math.inf
         for alpha in self.alphas:
             merge_(params, self.start, end, alpha)
-            results = pl_module.evaluate_all()
+            results = {k: r.value for k, r in pl_module.evaluate_all().items()}
             keys = heldout if self.criterion == "heldout" else list(results)
             score = sum(results[k] for k in keys) / len(keys)
             if pl_module.logger is not None:

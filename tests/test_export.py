@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from transformers import LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
 
 from mllm_cl.cli import main
+from mllm_cl.commands import load_trained
 from mllm_cl.data.collate import Encoder
-from mllm_cl.export import load_trained
 from mllm_cl.families import Qwen25VLImageOnlyProcessor, get_family
 
 CLASSES = {"llava": LlavaForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}

@@ -143,3 +143,36 @@ def test_memorises_a_small_task_and_batching_does_not_change_answers(family, tmp
     stream.eval_batch_size = 1
     single = [answer for b in stream.eval_loader(0) for answer in module.generate(b)]
     assert batched == single
+
+
+def test_predictions_files(stream_run):
+    """predictions/<row>/<set>.jsonl: one record per eval sample, whose scores average to the matrix cell."""
+    _, run = stream_run
+    results = json.loads((run / "results.json").read_text())
+    for i, label in enumerate(results["row_labels"]):
+        for j, column in enumerate(results["columns"]):
+            path = run / "predictions" / f"{i}_{label}" / f"{column}.jsonl"
+            records = [json.loads(line) for line in path.read_text().splitlines()]
+            assert len(records) == 24  # data.eval_limit
+            assert len({r["id"] for r in records}) == 24
+            for r in records:
+                assert set(r) >= {"id", "prompt", "prediction", "references", "score"}
+                assert r["references"] and isinstance(r["prediction"], str)
+                assert "?" in r["prompt"]  # the question as asked
+            assert sum(r["score"] for r in records) / 24 == pytest.approx(results["matrix"][i][j])
+
+
+def test_result_files_are_readable_by_others(stream_run):
+    """Result files get a plain file's mode (0644 under umask 022), not a temp file's 0600."""
+    import os
+    import stat
+
+    _, run = stream_run
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in (
+        run / "results.json",
+        run / "accuracy_matrix.csv",
+        next((run / "predictions").rglob("*.jsonl")),
+    ):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path

@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 from mllm_cl.data.collate import Encoder
-from mllm_cl.generation import cut_at_stop, generate, generate_ids, prompt_labels
+from mllm_cl.data.meta import prompt_labels
+from mllm_cl.families import get_family
+from mllm_cl.generation import cut_at_stop, generate, generate_ids
 from mllm_cl.metrics import build_metric
 
 N = 8
@@ -104,3 +106,42 @@ def test_emt_labels_from_prompt_score_per_sample():
     # "The square is 8." names one label -> correct; naming two labels is unmatched -> wrong.
     metric.update(["The square is 8.", "square or circle"], [["square"], ["square"]], labels=[labels, labels])
     assert float(metric.compute()) == pytest.approx(0.5)
+
+
+def test_generation_is_greedy_whatever_the_checkpoint_config_says():
+    """A checkpoint's generation_config (sampling, repetition penalty, n-gram blocking, min length)
+    must not change evaluation answers: they equal plain argmax decoding, computed here step by step."""
+    family = get_family("llava")
+    model, processor = family.build_tiny("tiny", seed=3)
+    model.eval()
+    enc = Encoder(family, processor)
+    batch = enc.collate([enc.encode_prompt(s) for s in _samples(2)[:1]], padding_side="left")
+    eos = family.end_of_turn
+    # Reference: argmax of the next-token logits, one step at a time, with no processor at all.
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "meta", "skipped")}
+    want = []
+    with torch.no_grad():
+        for _ in range(6):
+            logits = model(input_ids=ids, attention_mask=mask, **extra).logits[:, -1]
+            nxt = logits.argmax(-1, keepdim=True)
+            want.append(int(nxt))
+            ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    tok = processor.tokenizer
+    eos_id = tok.convert_tokens_to_ids(eos)
+    want = want[: want.index(eos_id) + 1] if eos_id in want else want
+    cfg = model.generation_config
+    cfg.do_sample, cfg.temperature, cfg.top_k = True, 5.0, 3
+    cfg.repetition_penalty, cfg.no_repeat_ngram_size, cfg.min_new_tokens = 5.0, 1, 6
+    with torch.no_grad():
+        got = generate_ids(model, tok, eos, batch, max_new_tokens=6)[
+            0, batch["input_ids"].shape[1] :
+        ].tolist()
+    assert got[: len(want)] == want
+    # The tampered config does change HF's default decoding: the overrides are what keep it greedy.
+    torch.manual_seed(0)
+    with torch.no_grad():
+        plain = model.generate(
+            **{k: v for k, v in batch.items() if k not in ("meta", "skipped")}, max_new_tokens=6
+        )
+    assert plain[0, batch["input_ids"].shape[1] :].tolist()[: len(want)] != want

@@ -166,34 +166,3 @@ def tokenized(
     if trainer is not None:
         trainer.strategy.barrier("mllm_cl_processed_cache")
     return Tokenized(table, datasets.load_from_disk(str(path)))
-
-
-def main(argv: list[str]) -> int:
-    """``python -m mllm_cl cache --config CONFIG [...]``: build the processed-data caches of a run.
-
-    Takes the same options as `fit` and tokenises every training table, eval set and DataHybrid
-    source into `data.cache_dir` in this one process (with `data.num_workers` workers), so that a
-    multi-GPU `fit` starts at once instead of keeping every GPU waiting while rank 0 tokenises.
-    """
-    import time  # noqa: PLC0415
-
-    from mllm_cl.cli import MllmCLI  # noqa: PLC0415
-    from mllm_cl.data.stream import TaskStream  # noqa: PLC0415
-    from mllm_cl.module import MLLMModule  # noqa: PLC0415
-
-    if not argv or argv[0] in ("-h", "--help"):
-        print(main.__doc__)
-        return 0 if argv else 2
-    start = time.perf_counter()
-    cli = MllmCLI(MLLMModule, TaskStream, args=argv, run=False)
-    stream, module = cli.datamodule, cli.model
-    stream.cache_processed = True
-    stream.prepare_tables(module, "fit")
-    extra = [t for s in module.all_strategies if hasattr(s, "cached_tables") for t in s.cached_tables(stream)]
-    tables = [*stream._train, *(table for _, table, _ in stream._eval), *extra]
-    cached = sum(isinstance(t, Tokenized) for t in tables)
-    root = stream.cache_dir or cache_root()
-    print(
-        f"[mllm_cl] {cached} of {len(tables)} tables cached under {root} in {time.perf_counter() - start:.1f} s"
-    )
-    return 0

@@ -19,9 +19,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from mllm_cl.checkpointing import resume_offset
 from mllm_cl.data.cache import cache_root, tokenized
 from mllm_cl.data.collate import Encoder
+from mllm_cl.data.meta import eval_meta
 from mllm_cl.data.sources import Source
 from mllm_cl.errors import DataError
-from mllm_cl.generation import prompt_labels
+from mllm_cl.evaluation import EvalColumn, resolve_column
 
 
 @dataclass
@@ -34,10 +35,11 @@ class Task:
         eval: the task's own eval set (its column in the accuracy matrix).
         steps: optimizer steps for this task (overrides `epochs`).
         epochs: passes over `train` when `steps` is not given.
-        metric: answer metric of the eval set (see `mllm_cl.metrics.build_metric`).
+        metric: answer metric of the eval set (see `mllm_cl.metrics.build_metric`; default: the
+            source's benchmark preset, else exact_match).
         metric_args: keyword arguments of the metric, e.g. {"labels": [...]} for emt.
         eval_batch_size: prompts per generation batch of the eval set (default: data.eval_batch_size).
-        max_new_tokens: generation budget of the eval set (default: model.max_new_tokens).
+        max_new_tokens: generation budget of the eval set (default: the preset's, else model.max_new_tokens).
         stop: strings that end an answer (generation stops early; the answer is cut before them).
     """
 
@@ -46,7 +48,7 @@ class Task:
     eval: Source | None = None
     steps: int | None = None
     epochs: float = 1.0
-    metric: str = "exact_match"
+    metric: str | None = None
     metric_args: dict | None = None
     eval_batch_size: int | None = None
     max_new_tokens: int | None = None
@@ -60,18 +62,19 @@ class EvalSet:
     Args:
         name: column name in the accuracy matrix.
         data: the samples.
-        metric: answer metric (see `mllm_cl.metrics.build_metric`).
+        metric: answer metric (see `mllm_cl.metrics.build_metric`; default: the source's benchmark
+            preset, else exact_match).
         image_domain: "id" or "ood" relative to the training images (2x2 report).
         text_domain: "id" or "ood" relative to the training questions.
         metric_args: keyword arguments of the metric, e.g. {"labels": [...]} for emt.
         eval_batch_size: prompts per generation batch (default: data.eval_batch_size).
-        max_new_tokens: generation budget (default: model.max_new_tokens).
+        max_new_tokens: generation budget (default: the preset's, else model.max_new_tokens).
         stop: strings that end an answer (generation stops early; the answer is cut before them).
     """
 
     name: str
     data: Source
-    metric: str = "exact_match"
+    metric: str | None = None
     image_domain: str = "id"
     text_domain: str = "id"
     extra: dict = field(default_factory=dict)
@@ -123,10 +126,7 @@ class _EvalItems(Dataset):
         sample = self.table[abs(i) - 1]
         item = self.encoder.encode_prompt(sample)
         # Negative index = padding so every rank runs the same number of batches; not scored.
-        item["meta"] = {"answers": sample["answers"], "id": sample["id"], "weight": 1 if i > 0 else 0}
-        labels = prompt_labels(sample)  # the label set named in the prompt (EMT classification)
-        if labels:
-            item["meta"]["labels"] = labels
+        item["meta"] = eval_meta(sample, scored=i > 0)
         return item
 
 
@@ -231,7 +231,7 @@ class TaskStream(L.LightningDataModule):
         self.encoder: Encoder | None = None
         self._tokenized: set[str] = set()  # which tables read from the processed-data cache
         self._train: list | None = None
-        self._eval: list | None = None
+        self._eval: list[EvalColumn] | None = None
 
     # ---- set-up -----------------------------------------------------------------------------
     def setup(self, stage: str):
@@ -249,15 +249,17 @@ class TaskStream(L.LightningDataModule):
                 self._load(t.train, f"data.tasks[{i}].train ({t.name})") for i, t in enumerate(self.tasks)
             ]
             self._eval = [
-                (name, _Head(self._load(src, f"eval set {name}"), self.eval_limit), metric)
-                for name, src, metric in self.eval_specs()
+                resolve_column(
+                    name, src, owner, _Head(self._load(src, f"eval set {name}"), self.eval_limit), domains
+                )
+                for name, src, owner, domains in self.eval_specs()
             ]
+            for column in self._eval:
+                column.check()  # metric names, args, domains and references: before any model work
         self.encoder = Encoder(module.family, module.processor, self.max_length, self.overlength)
         if self.cache_processed and "eval" not in self._tokenized:
-            self._eval = [
-                (name, self.tokenized(table, f"eval set {name}", prompt=True), metric)
-                for name, table, metric in self._eval
-            ]
+            for column in self._eval:
+                column.table = self.tokenized(column.table, f"eval set {column.name}", prompt=True)
             self._tokenized.add("eval")
         if stage == "fit" and self.cache_processed and "train" not in self._tokenized:
             self._train = [
@@ -273,20 +275,23 @@ class TaskStream(L.LightningDataModule):
             raise DataError(f"{where}: {source.describe()} has no samples; fix the path or drop the task")
         return table
 
-    def eval_specs(self) -> list[tuple[str, Source, str]]:
-        """(column name, source, metric) per column of the accuracy matrix: tasks, then held-out."""
-        specs = [(t.name, t.eval, t.metric) for t in self.tasks if t.eval is not None]
-        return specs + [(h.name, h.data, h.metric) for h in self.heldout]
+    def eval_specs(self) -> list[tuple[str, Source, object, tuple[str, str]]]:
+        """(column name, source, owner, (image, text) domain) per column: tasks, then held-out.
+
+        A task's own eval set is in-domain on both axes by construction."""
+        specs = [(t.name, t.eval, t, ("id", "id")) for t in self.tasks if t.eval is not None]
+        return specs + [(h.name, h.data, h, (h.image_domain, h.text_domain)) for h in self.heldout]
 
     @property
     def eval_names(self) -> list[str]:
-        return [name for name, _, _ in self.eval_specs()]
+        return [spec[0] for spec in self.eval_specs()]
 
-    def eval_options(self, column: int) -> dict:
-        """Per-eval-set settings of a column: metric_args, eval_batch_size, max_new_tokens, stop, domains."""
-        from mllm_cl.generation import eval_options  # noqa: PLC0415
-
-        return eval_options(self, column)
+    @property
+    def columns(self) -> list[EvalColumn]:
+        """The eval columns (after `prepare_tables`): samples, metric, generation options, domains."""
+        if self._eval is None:
+            raise RuntimeError("TaskStream.columns is available after prepare_tables (setup)")
+        return self._eval
 
     def task_column(self, task_index: int) -> str | None:
         return self.tasks[task_index].name if self.tasks[task_index].eval is not None else None
@@ -341,14 +346,14 @@ class TaskStream(L.LightningDataModule):
     # ---- evaluation -------------------------------------------------------------------------
     def eval_loader(self, column: int, rank: int = 0, world: int = 1) -> DataLoader:
         """Prompts of one eval set, this rank's share, padded so every rank runs as many batches."""
-        _, table, _ = self._eval[column]
-        n = len(table)
+        col = self._eval[column]
+        table, n = col.table, len(col.table)
         per_rank = -(-n // world)
         indices = [i + 1 if i < n else -((i % n) + 1) for i in range(per_rank * world)][rank::world]
         return DataLoader(
             _EvalItems(table, self.encoder, indices),
             sampler=_InOrder(len(indices)),
-            batch_size=self.eval_options(column)["eval_batch_size"] or self.eval_batch_size,
+            batch_size=col.eval_batch_size or self.eval_batch_size,
             collate_fn=self._collate_eval,
             num_workers=self.num_workers,
         )
@@ -357,9 +362,6 @@ class TaskStream(L.LightningDataModule):
         batch = self.encoder.collate(items, padding_side="left")
         batch["meta"] = [x["meta"] for x in items]
         return batch
-
-    def eval_metric(self, column: int) -> str:
-        return self._eval[column][2]
 
     def val_dataloader(self):
         # During fit the stream evaluates itself at task boundaries; `validate` uses these loaders.

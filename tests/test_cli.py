@@ -1,0 +1,44 @@
+"""The command layer: one usage listing every subcommand, and one error policy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mllm_cl.cli import COMMANDS, main
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPECTED = ("fit", "validate", "test", "plan", "report", "export", "cache")
+
+
+def test_help_lists_every_subcommand_with_one_line():
+    out = subprocess.run(
+        [sys.executable, "-m", "mllm_cl", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    listed = {}
+    for line in out.stdout.splitlines():
+        words = line.split()
+        if line.startswith("  ") and words and words[0] in EXPECTED:
+            listed[words[0]] = " ".join(words[1:])
+    assert set(listed) == set(EXPECTED)
+    assert all(len(text) > 10 for text in listed.values())
+
+
+@pytest.mark.parametrize("name", [n for n, (target, _) in COMMANDS.items() if target])
+def test_every_registered_command_resolves(name, capsys):
+    # --help of each non-Lightning subcommand runs its own parser and exits 0.
+    with pytest.raises(SystemExit) as exit_:
+        main([name, "--help"])
+    assert exit_.value.code == 0
+    assert "usage" in capsys.readouterr().out.lower() or name == "cache"
+
+
+def test_no_arguments_prints_usage_and_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([])
+    assert exit_.value.code == 2
+    assert "commands:" in capsys.readouterr().out
