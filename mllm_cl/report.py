@@ -4,7 +4,8 @@
 directory's ``results.json`` (written by ``fit``), prints a markdown comparison (numbers in percentage
 points, NaN as "–"), every run's accuracy matrix, the 2x2 ID/OOD table when ``results.json`` has a
 ``domains`` dict ``{column: {"image": "id"|"ood", "text": "id"|"ood"}}``, and writes ``report.md``
-plus PNG plots to ``--out`` (default: the first run's parent folder / ``report``).
+plus PNG plots to ``--out`` (default: the first run's parent folder / ``report``). ``--examples N``
+adds, per run, up to N answers per eval set that changed between consecutive rows (`mllm_cl.predictions`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from mllm_cl.continual import per_row_summary
+from mllm_cl.predictions import format_examples
 from mllm_cl.results import StreamResults, load_results
 
 MINUS = "\u2212"
@@ -275,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--names", nargs="+", help="display names, one per run (default: the recipe)")
     parser.add_argument("--out", help="output folder (default: <first run's parent>/report)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument(
+        "--examples", type=int, default=0, metavar="N", help="also show up to N changed answers per set and row"
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.names is not None and len(args.names) != len(args.runs):
         parser.error(f"--names has {len(args.names)} names for {len(args.runs)} runs")
@@ -285,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         text = compare(args.runs, args.names)
+        if args.examples > 0:
+            text += "".join("\n\n" + format_examples(_folder(run), args.examples) for run in args.runs)
     except (OSError, ValueError, KeyError, TypeError) as err:
         print(f"error: cannot read the results ({type(err).__name__}: {err})", file=sys.stderr)
         return 2

@@ -176,3 +176,18 @@ def test_result_files_are_readable_by_others(stream_run):
         next((run / "predictions").rglob("*.jsonl")),
     ):
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
+
+
+def test_report_examples_on_a_real_run(stream_run, capsys):
+    from mllm_cl.predictions import changed
+    from mllm_cl.report import main as report_main
+
+    _, run = stream_run
+    assert report_main([str(run), "--examples", "2", "--no-plots", "--out", str(run / "report")]) == 0
+    out = capsys.readouterr().out
+    assert "## Changed answers" in out
+    pairs = {}
+    for before, after, _, _ in changed(str(run), "shape"):
+        pairs[(before, after)] = pairs.get((before, after), 0) + 1
+    for (before, after), count in pairs.items():
+        assert f"### shape: {before} -> {after}: {count} answers changed" in out
