@@ -13,8 +13,10 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from jsonargparse import ArgumentError  # noqa: E402
+from jsonargparse import ArgumentError, namespace_to_dict  # noqa: E402
+from lightning.pytorch.callbacks import LearningRateMonitor  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
 import strategies  # noqa: E402,F401  (registers strategy classes for class_path resolution)
 from mllm_cl.checkpointing import TaskCheckpoint, check_ckpt_file, prepare_fit  # noqa: E402
@@ -22,6 +24,11 @@ from mllm_cl.data.stream import TaskStream  # noqa: E402
 from mllm_cl.errors import MllmClError  # noqa: E402
 from mllm_cl.guards import argument_line, one_line  # noqa: E402
 from mllm_cl.module import MLLMModule  # noqa: E402
+from mllm_cl.results import method_name  # noqa: E402
+
+DEFAULT_RUN_NAME = (
+    "mllm_cl"  # replaced by the method's name (e.g. saproj+lwf) unless the config names the run
+)
 
 
 class MllmCLI(LightningCLI):
@@ -35,7 +42,7 @@ class MllmCLI(LightningCLI):
             {
                 "trainer.logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": "runs", "name": "mllm_cl"},
+                    "init_args": {"save_dir": "runs", "name": DEFAULT_RUN_NAME},
                 },
                 "trainer.num_sanity_val_steps": 0,
                 "trainer.log_every_n_steps": 10,
@@ -53,7 +60,22 @@ class MllmCLI(LightningCLI):
         check_ckpt_file(self.config.get(self.config.get("subcommand") or "", {}).get("ckpt_path"))
         super()._parse_ckpt_path()
 
+    def before_instantiate_classes(self):
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        logger = config.get("trainer", {}).get("logger") if config else None
+        if logger is not None and str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
+            args = logger["init_args"]
+            args["default_hp_metric"] = False  # the hparams get the real final measures instead
+            if args.get("name") == DEFAULT_RUN_NAME:  # not named by the user: name it by its method
+                args["name"] = method_name(namespace_to_dict(config.get("model")) or {})
+
     def before_fit(self):
+        for logger in self.trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                # SummaryWriter kwargs (the writer is made lazily): live curves, not every 120 s.
+                logger._kwargs.setdefault("flush_secs", 30)
+        if not any(isinstance(cb, LearningRateMonitor) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
         # Safe loading, run-dir policy on resume, one-line checks before training (mllm_cl.checkpointing).
         prepare_fit(self.trainer, self.config_init["fit"])
 

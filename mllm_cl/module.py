@@ -14,8 +14,9 @@ import os
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 
-from mllm_cl import checkpointing, evaluation, generation
+from mllm_cl import board, checkpointing, evaluation, generation
 from mllm_cl.data.collate import BOOKKEEPING_KEYS
 from mllm_cl.families import get_family
 from mllm_cl.guards import (
@@ -176,16 +177,17 @@ class MLLMModule(L.LightningModule):
         outputs = self(batch)
         loss = outputs.loss
         self.log("train/ce", loss.detach(), prog_bar=True)
+        terms = 0
         for strategy in self.strategies:
             extra = strategy.loss(self, batch, outputs)
             if extra is not None:
                 self.log(f"train/{type(strategy).__name__}", extra.detach())
-                loss = loss + extra
+                loss, terms = loss + extra, terms + 1
         loss = guard_loss(self, loss, self.hparams.nonfinite_loss)
         if loss is None:
             return None
-        self.log("train/loss", loss.detach())
-        self.log("train/task", float(self.current_epoch))
+        if terms:  # without a strategy term the total is train/ce again
+            self.log("train/loss", loss.detach())
         return loss
 
     # ---- the stream -------------------------------------------------------------------------
@@ -199,6 +201,7 @@ class MLLMModule(L.LightningModule):
                 [t.name for t in self.stream.tasks], [h.name for h in self.stream.heldout]
             )
             self.results.domains = evaluation.eval_domains(self.stream.columns)
+        self.results.name = self.run_name
         self._write_run_info()
         if not self.results.rows:
             self._evaluate_row("base")
@@ -229,14 +232,11 @@ class MLLMModule(L.LightningModule):
         accuracies = {name: r.value for name, r in results.items()}
         self.results.add_row(label, accuracies)
         row = len(self.results.rows) - 1
-        if self.logger is not None:
-            metrics = {
-                f"matrix/{c}": v for c, v in zip(self.results.columns, self.results.rows[-1], strict=True)
-            }
-            metrics.update({f"stream/{k}": v for k, v in self.results.summary().items() if "/" not in k})
-            metrics.update({f"parts/{n}/{k}": v for n, r in results.items() for k, v in r.parts.items()})
-            self.logger.log_metrics(metrics, step=row)
         self._write_predictions(f"{row}_{label}", results)
+        if self.tensorboard is not None and self.global_rank_zero():
+            board.log_row(self.tensorboard, self.results, results, self.run_name)
+            if row == len(self.stream.tasks):
+                board.log_final(self.tensorboard, self, self.results)
         if self.global_rank_zero():
             print(f"[mllm_cl] after {label}: " + ", ".join(f"{k}={v:.3f}" for k, v in accuracies.items()))
             if self.run_dir:
@@ -251,6 +251,16 @@ class MLLMModule(L.LightningModule):
             evaluation.write_predictions(os.path.join(self.run_dir, "predictions", row), results)
 
     @property
+    def tensorboard(self) -> TensorBoardLogger | None:
+        """The run's TensorBoardLogger, if it has one (images, text, hparams go there)."""
+        return next((lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+    @property
+    def run_name(self) -> str:
+        """The display name shared by TensorBoard and `report`: the logger's run name."""
+        return self.logger.name if self.logger is not None else type(self.recipe).__name__.lower()
+
+    @property
     def run_dir(self) -> str | None:
         return local_log_dir(self.trainer) if self._trainer is not None else None
 
@@ -259,15 +269,8 @@ class MLLMModule(L.LightningModule):
             atomic_write(
                 os.path.join(self.run_dir, "parameters.json"), json.dumps(self.param_counts, indent=2)
             )
-            if self.logger is not None:
-                self.logger.log_metrics(
-                    {
-                        f"params/{k}/{kind}": float(v[kind])
-                        for k, v in self.param_counts.items()
-                        for kind in v
-                    },
-                    step=0,
-                )
+            if self.tensorboard is not None:
+                board.log_start(self.tensorboard, self.results, self.param_counts)
 
     # ---- evaluation -------------------------------------------------------------------------
     @torch.no_grad()

@@ -58,8 +58,16 @@ def _folder(run_dir: str) -> str:
 
 
 def run_name(run_dir: str) -> str:
-    """The recipe named in the run's config.yaml (``model.recipe.class_path``), else the folder name."""
+    """The run's display name: the `name` in results.json (its TensorBoard run name), else the recipe
+    named in its config.yaml (``model.recipe.class_path``), else the folder name."""
     folder = _folder(run_dir)
+    try:
+        with open(_results_path(run_dir), encoding="utf-8") as fh:
+            name = json.load(fh).get("name")
+        if name:
+            return name
+    except (OSError, ValueError):
+        pass
     try:
         import yaml
 
@@ -278,7 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output folder (default: <first run's parent>/report)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument(
-        "--examples", type=int, default=0, metavar="N", help="also show up to N changed answers per set and row"
+        "--examples",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also show up to N changed answers per set and row",
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.names is not None and len(args.names) != len(args.runs):

@@ -56,6 +56,7 @@ class StreamResults:
     rows: list[list[float]] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     domains: dict = field(default_factory=dict)  # {column: {"image": "id"|"ood", "text": ...}} (2x2 report)
+    name: str = ""  # the run's display name (its TensorBoard run name), used by `report`
 
     @property
     def columns(self) -> list[str]:
@@ -78,6 +79,7 @@ class StreamResults:
             "summary": self.summary(),
             "per_row": per_row_summary(self.rows, len(self.tasks)) if self.rows else [],
             **({"domains": self.domains} if self.domains else {}),
+            **({"name": self.name} if self.name else {}),
         }
 
     @classmethod
@@ -88,6 +90,7 @@ class StreamResults:
             [list(r) for r in state["matrix"]],
             list(state["row_labels"]),
             dict(state.get("domains") or {}),
+            str(state.get("name") or ""),
         )
 
     def to_csv(self) -> str:
@@ -108,6 +111,22 @@ class StreamResults:
         """accuracy_matrix.csv and results.json in `folder` (NaN written as null in JSON)."""
         atomic_write(os.path.join(folder, "accuracy_matrix.csv"), self.to_csv())
         atomic_write(os.path.join(folder, "results.json"), json.dumps(_nan_to_none(self.to_dict()), indent=2))
+
+
+def method_name(model: dict) -> str:
+    """A run's display name from its `model` config: the recipe, then each strategy, lower case, with
+    WiSE-FT's α: ``saproj``, ``saproj+lwf``, ``full+wiseft0.5``."""
+
+    def short(spec) -> str:
+        path = spec.get("class_path", "") if isinstance(spec, dict) else str(spec or "")
+        return path.rsplit(".", 1)[-1].lower()
+
+    parts = [short(model.get("recipe")) or "full"]
+    for spec in model.get("strategies") or []:
+        name = short(spec)
+        alpha = (spec.get("init_args") or {}).get("alpha") if isinstance(spec, dict) else None
+        parts.append(f"{name}{alpha:g}" if isinstance(alpha, (int, float)) else name)
+    return "+".join(parts)
 
 
 def _nan_to_none(obj):

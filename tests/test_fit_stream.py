@@ -92,7 +92,8 @@ def test_tensorboard_has_one_matrix_point_per_row(stream_run):
     events = EventAccumulator(str(run))
     events.Reload()
     for column, name in enumerate(results["columns"]):
-        scalars = events.Scalars(f"matrix/{name}")
+        group = "task" if name in results["tasks"] else "heldout"
+        scalars = events.Scalars(f"acc/{group}/{name}")
         assert [s.step for s in scalars] == [0, 1, 2]
         assert [s.value for s in scalars] == pytest.approx([row[column] for row in results["matrix"]])
 
