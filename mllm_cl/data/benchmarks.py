@@ -175,9 +175,12 @@ class _BenchmarkTable(Sequence):
         return len(self.rows)
 
     def __getitem__(self, i):
-        index = int(self.rows[i])
-        row, p = self.ds[index], self.bench.preset
+        index, p = int(self.rows[i]), self.bench.preset
         where = f"{self.bench.describe()} row {index}"
+        try:
+            row = self.ds[index]  # decodes this row's images only
+        except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+            raise DataError(f"{where}: cannot be read ({err}); fix or drop the row") from err
         answers = [a for a in p.answers(row) if a is not None]
         if not answers:
             raise DataError(f"{where}: no reference answer; fix the data or drop the row")
