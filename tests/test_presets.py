@@ -7,6 +7,7 @@ option lines), not built by the code under test.
 from __future__ import annotations
 
 import importlib
+import pickle
 
 import datasets
 import pytest
@@ -232,6 +233,12 @@ def test_parquet_hub_snapshot_layout(tmp_path):
         name="docvqa_val", path=str(tmp_path / "DocVQA" / "test-00000-of-00001.parquet")
     ).load()
     assert single[0]["messages"][0]["content"] == "from the test split" + PHRASE
+
+
+def test_tables_pickle_for_dataloader_workers(tmp_path):
+    columns, features, prompt, *_ = SPECS["mmstar"]
+    table = Benchmark(name="mmstar", path=save(tmp_path, "mmstar", columns, features)).load()
+    assert pickle.loads(pickle.dumps(table))[0]["messages"][0]["content"] == prompt
 
 
 def test_limit_and_fingerprint(tmp_path):

@@ -221,9 +221,14 @@ class Benchmark(Source):
     ):
         if name not in PRESETS:
             raise ConfigError(f"Benchmark name {name!r} is unknown; choose one of {', '.join(PRESETS)}")
-        self.name, self.preset, self.path, self.limit = name, PRESETS[name], path, limit
+        self.name, self.path, self.limit = name, path, limit
         self.split = split or self.preset.split
         self.training = self.split == self.preset.train_split
+
+    @property
+    def preset(self) -> Preset:
+        # Looked up, not stored: presets hold lambdas, and tables must pickle (dataloader workers).
+        return PRESETS[self.name]
 
     def describe(self) -> str:
         return f"Benchmark({self.name}, split={self.split})"
