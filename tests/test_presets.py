@@ -275,6 +275,10 @@ def test_bad_name_and_missing_columns_fail_in_one_line(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(DataError, match="neither a save_to_disk folder nor .parquet files"):
         Benchmark(name="ai2d", path=str(tmp_path / "empty")).load()
+    columns, features, *_ = SPECS["textvqa"]
+    folder = save(tmp_path, "textvqa_test", {**columns, "answers": [None]}, features)  # the test split
+    with pytest.raises(DataError, match="row 0: no reference answer"):
+        Benchmark(name="textvqa", split="test", path=folder).load()[0]
 
 
 def test_cli_resolves_the_short_class_name(tmp_path):

@@ -38,6 +38,14 @@ def _letter_of_index(row: dict) -> list[str]:
     return [chr(ord("A") + int(row["answer"]))]
 
 
+def _answer(row: dict) -> list[str]:
+    return [] if row["answer"] is None else [str(row["answer"])]
+
+
+def _all_answers(column: str) -> Callable[[dict], list[str]]:
+    return lambda row: [str(a) for a in row[column] or []]  # a split without answers -> DataError
+
+
 @dataclass(frozen=True)
 class Preset:
     """How one benchmark is read, prompted and scored."""
@@ -49,7 +57,7 @@ class Preset:
     prompt: Callable[[dict], str]
     metric: str
     max_new_tokens: int
-    answers: Callable[[dict], list[str]] = lambda row: [str(row["answer"])]
+    answers: Callable[[dict], list[str]] = _answer
     fields: tuple[str, ...] = ()  # columns handed to the metric per sample
     id_column: str | None = None
     metric_args: dict = field(default_factory=dict)
@@ -94,7 +102,7 @@ PRESETS: dict[str, Preset] = {
         "lmms-lab/textvqa", None, "validation", ("image", "question", "answers"),
         # str.capitalize also lower-cases the rest of the question, as upstream.
         lambda r: r["question"].capitalize() + PHRASE_POST,
-        "vqa", 64, answers=lambda r: [str(a) for a in r["answers"]], id_column="question_id",
+        "vqa", 64, answers=_all_answers("answers"), id_column="question_id",
         train_split="train",
     ),
     "timeclock": Preset(
@@ -116,12 +124,12 @@ PRESETS: dict[str, Preset] = {
     "docvqa_val": Preset(
         "lmms-lab/DocVQA", "DocVQA", "validation", ("image", "question", "answers"),
         lambda r: r["question"] + PHRASE_POST,
-        "anls", 32, answers=lambda r: [str(a) for a in r["answers"]], id_column="questionId",
+        "anls", 32, answers=_all_answers("answers"), id_column="questionId",
     ),
     "infovqa_val": Preset(
         "lmms-lab/DocVQA", "InfographicVQA", "validation", ("image", "question", "answers"),
         lambda r: r["question"] + PHRASE_POST,
-        "anls", 32, answers=lambda r: [str(a) for a in r["answers"]], id_column="questionId",
+        "anls", 32, answers=_all_answers("answers"), id_column="questionId",
     ),
     "realworldqa": Preset(
         "lmms-lab/RealWorldQA", None, "test", ("image", "question", "answer"),
@@ -142,7 +150,7 @@ PRESETS: dict[str, Preset] = {
     "ocrbench": Preset(
         "echo840/OCRBench", None, "test", ("image", "question", "answer", "dataset"),
         lambda r: r["question"].strip(),
-        "ocrbench", 64, answers=lambda r: [str(a) for a in r["answer"]], fields=("dataset",),
+        "ocrbench", 64, answers=_all_answers("answer"), fields=("dataset",),
     ),
     "seedbench": Preset(
         "lmms-lab/SEED-Bench", None, "test",
