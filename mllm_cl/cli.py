@@ -18,7 +18,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
-import strategies  # noqa: E402,F401  (registers strategy classes for class_path resolution)
+import mllm_cl.data.benchmarks  # noqa: E402,F401  (sources nameable by short class name in YAML,
+import strategies  # noqa: E402,F401  as strategy classes are: `class_path: Benchmark`, `class_path: SAProj`)
 from mllm_cl.checkpointing import TaskCheckpoint, check_ckpt_file, prepare_fit  # noqa: E402
 from mllm_cl.data.stream import TaskStream  # noqa: E402
 from mllm_cl.errors import MllmClError  # noqa: E402

@@ -17,7 +17,6 @@ Predictions are written as ``predictions/<row>/<set>.jsonl`` in the run director
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -29,7 +28,7 @@ from mllm_cl.data.collate import Encoder
 from mllm_cl.data.meta import eval_meta
 from mllm_cl.errors import ConfigError
 from mllm_cl.metrics import build_metric
-from mllm_cl.results import atomic_write
+from mllm_cl.results import atomic_write, nan_to_none
 
 DEFAULT_METRIC = "exact_match"
 
@@ -83,20 +82,18 @@ class EvalColumn:
         self.validate(metric, head)
 
     def validate(self, metric, references: list[list[str]]) -> None:
-        validate = getattr(metric, "validate_references", None)
-        if validate is not None:
-            try:
-                validate(references)
-            except ValueError as err:
-                raise ConfigError(f"eval set {self.name!r}: {err}") from err
+        try:
+            metric.validate_references(references)
+        except ValueError as err:
+            raise ConfigError(f"eval set {self.name!r}: {err}") from err
 
 
 def resolve_column(name: str, source, owner, table, domains: tuple[str, str] = ("id", "id")) -> EvalColumn:
     """The column of `owner` (a Task or EvalSet): its own settings, else the source's preset defaults."""
-    preset = dict(getattr(source, "eval_defaults", None) or {})
+    preset = source.eval_defaults
 
     def pick(key, fallback=None):
-        value = getattr(owner, key, None)
+        value = getattr(owner, key)
         return value if value is not None else preset.get(key, fallback)
 
     return EvalColumn(
@@ -104,9 +101,9 @@ def resolve_column(name: str, source, owner, table, domains: tuple[str, str] = (
         table=table,
         metric=pick("metric", DEFAULT_METRIC),
         metric_args=dict(pick("metric_args", None) or {}),
-        eval_batch_size=getattr(owner, "eval_batch_size", None),
+        eval_batch_size=owner.eval_batch_size,
         max_new_tokens=pick("max_new_tokens"),
-        stop=list(owner.stop) if getattr(owner, "stop", None) else None,
+        stop=list(owner.stop) if owner.stop else None,
         image_domain=domains[0],
         text_domain=domains[1],
     )
@@ -122,24 +119,11 @@ class ColumnResult:
     samples: int
 
 
-def _sample_fields(metric) -> tuple[str, ...]:
-    names = tuple(getattr(metric, "sample_fields", ()))
-    if "labels" not in names and "labels" in inspect.signature(metric.update).parameters:
-        names += ("labels",)  # EMT: the label set named in each prompt
-    return names
-
-
 def _field(meta: dict, name: str):
+    """A per-sample metric field: the prompt or label set from the eval meta, else the sample's `fields`."""
     if name in ("prompt", "labels", "id"):
         return meta.get(name)
     return meta["fields"].get(name)
-
-
-def _per_sample(metric, prediction: str, references: list[str], fields: dict) -> dict[str, float]:
-    score_sample = getattr(metric, "score_sample", None)
-    if score_sample is not None:
-        return dict(score_sample(prediction, references, **fields))
-    return {"score": float(metric.score(prediction, references, **fields))}
 
 
 class ColumnScorer:
@@ -150,7 +134,6 @@ class ColumnScorer:
         self.metric = column.new_metric()
         if device is not None:
             self.metric = self.metric.to(device)
-        self.fields = _sample_fields(self.metric)
         self.records: list[dict] = []
 
     def add(self, module, batch: dict) -> list[str]:
@@ -160,9 +143,7 @@ class ColumnScorer:
         if not kept:
             return preds
         self.column.validate(self.metric, [m["answers"] for _, m in kept])
-        fields = {f: [_field(m, f) for _, m in kept] for f in self.fields}
-        if any(v is None for values in fields.values() for v in values):
-            fields = {f: v for f, v in fields.items() if f == "prompt" or all(x is not None for x in v)}
+        fields = {f: [_field(m, f) for _, m in kept] for f in self.metric.sample_fields}
         self.metric.update([p for p, _ in kept], [m["answers"] for _, m in kept], **fields)
         for k, (pred, meta) in enumerate(kept):
             one = {f: values[k] for f, values in fields.items()}
@@ -172,7 +153,7 @@ class ColumnScorer:
                     "prompt": meta["prompt"],
                     "prediction": pred,
                     "references": meta["answers"],
-                    **_per_sample(self.metric, pred, meta["answers"], one),
+                    **self.metric.score_sample(pred, meta["answers"], **one),
                 }
             )
         return preds
@@ -180,8 +161,7 @@ class ColumnScorer:
     def result(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ColumnResult:
         """The synced metric value and parts (every rank must call it) plus this rank's records."""
         value = float(self.metric.compute())
-        parts_fn = getattr(self.metric, "compute_parts", None)
-        parts = {k: float(v) for k, v in (parts_fn() if parts_fn else {}).items()}
+        parts = {k: float(v) for k, v in self.metric.compute_parts().items()}
         total = self.metric.total.float()
         samples = int(reduce_sum(total) if reduce_sum else total)
         return ColumnResult(value, parts, self.records, samples)
@@ -249,7 +229,7 @@ def gather_records(records: list[dict], world_size: int) -> list[dict]:
 def write_predictions(folder: str, results: dict[str, ColumnResult]) -> None:
     """``<folder>/<set>.jsonl``: one JSON line per scored sample (written atomically, 0644)."""
     for name, result in results.items():
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records)
+        lines = "".join(json.dumps(nan_to_none(r), ensure_ascii=False) + "\n" for r in result.records)
         atomic_write(os.path.join(folder, f"{name}.jsonl"), lines)
 
 

@@ -1,20 +1,27 @@
-"""Answer metrics: torchmetrics that score generated free-text answers against reference answers."""
+"""Answer metrics: torchmetrics that score generated free-text answers against reference answers.
+
+Generic metrics live here; the papers' benchmark rules in ``mllm_cl.benchmark_metrics`` (held-out
+sets, VQA) and ``mllm_cl.lmmcl_metrics`` (LMM_CL's target tasks); the base
+class and its contract with the evaluation loop in ``mllm_cl.answer_metric``. ``build_metric`` is
+the one registry of names.
+"""
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections.abc import Sequence
 
-import torch
-import torchmetrics
+from mllm_cl.answer_metric import AnswerMetric, Targets
+from mllm_cl.benchmark_metrics import BENCHMARK_METRICS, VQAAccuracy
+from mllm_cl.lmmcl_metrics import LMMCL_METRICS
 
 _UNITS = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty"
 _TENS_WORDS = "thirty forty fifty sixty seventy eighty ninety"
 _NUMBER_WORDS = dict(zip(_UNITS.split(), range(21), strict=True))
 _NUMBER_WORDS.update(zip(_TENS_WORDS.split(), range(30, 100, 10), strict=True))
 _TENS = set(range(20, 100, 10))
-Targets = Sequence[str | Sequence[str]]  # per sample: one reference or a list of references
 _ARTICLES = {"a", "an", "the"}
 _APOSTROPHES = re.compile("['‘’`]")
 # Any punctuation except "." or ":" between digits, which marks decimals (3.5) and times (10:30).
@@ -58,57 +65,6 @@ def normalize_answer(text: str) -> str:
     return " ".join(_words_to_digits([t for t in text.split() if t not in _ARTICLES]))
 
 
-def _reference_lists(preds: Sequence[str], targets: Targets) -> list[list[str]]:
-    # A bare string would otherwise be iterated character by character.
-    if isinstance(preds, str):
-        raise TypeError("preds must be a list of strings, not a single string")
-    if len(preds) != len(targets):
-        raise ValueError(f"got {len(preds)} predictions but {len(targets)} targets")
-    return [[t] if isinstance(t, str) else list(t) for t in targets]
-
-
-class AnswerMetric(torchmetrics.Metric):
-    """Mean per-sample score of free-text answers; subclasses implement :meth:`score`.
-
-    States ``correct`` (summed scores) and ``total`` (samples) are summed across processes.
-    """
-
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = True
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("correct", default=torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
-
-    def _add_counter(self, name: str) -> None:
-        self.add_state(name, default=torch.tensor(0), dist_reduce_fx="sum")
-
-    def score(self, prediction: str, references: list[str]) -> float:
-        """Scores one generated answer against its acceptable references, in [0, 1]."""
-        raise NotImplementedError
-
-    def update(self, preds: Sequence[str], targets: Targets) -> None:
-        """Adds a batch: one answer per sample, and per sample a reference or a list of them."""
-        refs = _reference_lists(preds, targets)
-        self._accumulate([self.score(p, r) for p, r in zip(preds, refs, strict=True)])
-        self._count_extra(preds, refs)
-
-    def _accumulate(self, scores: list[float]) -> None:
-        self.correct += float(sum(scores))
-        self.total += len(scores)
-
-    def _count_extra(self, preds: Sequence[str], refs: list[list[str]]) -> None:
-        """Hook for subclasses that track additional counters."""
-
-    def compute(self) -> torch.Tensor:
-        """Returns the mean score, or 0.0 when nothing was added."""
-        if self.total == 0:
-            return torch.zeros((), device=self.correct.device)
-        return self.correct / self.total
-
-
 class ExactMatch(AnswerMetric):
     """1 when the normalised prediction equals any normalised reference."""
 
@@ -117,69 +73,78 @@ class ExactMatch(AnswerMetric):
         return float(any(pred == normalize_answer(r) for r in references))
 
 
-class VQAAccuracy(AnswerMetric):
-    """VQAv2 soft accuracy ``min(1, #humans agreeing / 3)``.
+_OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[.):]\s+\S", re.MULTILINE)
 
-    With 10+ references it averages over leave-one-out subsets like the official VQA eval.
+
+def prompt_letters(prompt: str | None) -> str | None:
+    """The option letters a prompt lists as lines like "M. name" (or "(M) name"), in order.
+
+    None when it lists fewer than two (then the question is not a letter choice we can read).
     """
+    letters = dict.fromkeys(_OPTION_LINE.findall(prompt or ""))
+    return "".join(letters) if len(letters) >= 2 else None
 
-    def score(self, prediction: str, references: list[str]) -> float:
-        pred = normalize_answer(prediction)
-        hits = [normalize_answer(r) == pred for r in references]
-        if len(hits) < 10:
-            return min(1.0, sum(hits) / 3)
-        matches = sum(hits)
-        # Dropping annotator i leaves matches - hits[i] agreeing humans.
-        return sum(min(1.0, (matches - h) / 3) for h in hits) / len(hits)
+
+@functools.lru_cache(maxsize=128)
+def _choice_patterns(letters: str) -> tuple[list[re.Pattern], re.Pattern, re.Pattern]:
+    up, anycase = f"[{letters}]", f"[{letters}{letters.lower()}]"
+    # A lower-case letter counts only where it is clearly not a word ("(b)", "b." at the end).
+    token = rf"(?:\(({anycase})\)|({up})(?![A-Za-z0-9])|({anycase})(?=[.):,]|\s*$))"
+    patterns = [
+        re.compile(rf"^\s*{token}\s*[.):]?\s*$"),
+        re.compile(rf"(?i:answer)\s*(?i:is|:|=)?\s*(?i:option\s*)?{token}"),
+        re.compile(rf"(?i:option|choice)\s*(?i:is|:)\s*{token}"),
+        re.compile(rf"^\s*(?:\(({anycase})\)|({anycase})\)|({up})[.:])"),
+    ]
+    return patterns, re.compile(rf"^\s*({up})\s+(\S)"), re.compile(rf"\(({anycase})\)")
+
+
+def extract_choice(text: str, letters: str) -> str | None:
+    """The upper-case option letter (one of ``letters``) chosen in ``text``, or None."""
+    patterns, leading, parenthesised = _choice_patterns(letters)
+    for pattern in patterns:
+        match = pattern.search(text)
+        if match:
+            return next(g for g in match.groups() if g).upper()
+    match = leading.match(text)
+    # "A cat ..." or "I think ..." start with an English word, not an option.
+    if match and not (match.group(1) in "AI" and match.group(2).islower()):
+        return match.group(1)
+    found = {m.upper() for m in parenthesised.findall(text)}
+    return found.pop() if len(found) == 1 else None
 
 
 class MultipleChoice(AnswerMetric):
     """Compares the option letter chosen in the prediction with the reference letter.
 
-    Predictions without a recognisable letter score 0 and are counted in ``unparsed``.
+    The valid letters are the options listed in each sample's prompt (lines like "M. name",
+    A-Z), so a 26-option question answered "M" can score; without listed options, A-Z.
+    Predictions without a recognisable letter score 0; part ``unparsed`` is their share.
 
     Args:
-        choices: Valid option letters; other letters are never extracted.
+        choices: Fixed valid option letters for every sample (overrides the prompt's options).
     """
 
-    def __init__(self, choices: str = "ABCDEFGH", **kwargs) -> None:
+    sample_fields = ("prompt",)
+    part_names = ("unparsed",)
+
+    def __init__(self, choices: str | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.choices = choices.upper()
-        self._add_counter("unparsed")
-        up, anycase = f"[{self.choices}]", f"[{self.choices}{self.choices.lower()}]"
-        # A lower-case letter counts only where it is clearly not a word ("(b)", "b." at the end).
-        token = rf"(?:\(({anycase})\)|({up})(?![A-Za-z0-9])|({anycase})(?=[.):,]|\s*$))"
-        self._patterns = [
-            re.compile(rf"^\s*{token}\s*[.):]?\s*$"),
-            re.compile(rf"(?i:answer)\s*(?i:is|:|=)?\s*(?i:option\s*)?{token}"),
-            re.compile(rf"(?i:option|choice)\s*(?i:is|:)\s*{token}"),
-            re.compile(rf"^\s*(?:\(({anycase})\)|({anycase})\)|({up})[.:])"),
-        ]
-        self._leading = re.compile(rf"^\s*({up})\s+(\S)")
-        self._parenthesised = re.compile(rf"\(({anycase})\)")
+        self.choices = choices.upper() if choices else None
 
-    def extract_choice(self, text: str) -> str | None:
+    def letters(self, prompt: str | None = None) -> str:
+        """The valid option letters for a sample with this prompt."""
+        return self.choices or prompt_letters(prompt) or string.ascii_uppercase
+
+    def extract_choice(self, text: str, prompt: str | None = None) -> str | None:
         """Returns the upper-case option letter chosen in ``text``, or None."""
-        for pattern in self._patterns:
-            match = pattern.search(text)
-            if match:
-                return next(g for g in match.groups() if g).upper()
-        match = self._leading.match(text)
-        # "A cat ..." or "I think ..." start with an English word, not an option.
-        if match and not (match.group(1) in "AI" and match.group(2).islower()):
-            return match.group(1)
-        found = {m.upper() for m in self._parenthesised.findall(text)}
-        return found.pop() if len(found) == 1 else None
+        return extract_choice(text, self.letters(prompt))
 
-    def score(self, prediction: str, references: list[str]) -> float:
-        choice = self.extract_choice(prediction)
-        return float(
-            choice is not None
-            and any(choice == (self.extract_choice(r) or r.strip().upper()) for r in references)
-        )
-
-    def _count_extra(self, preds: Sequence[str], refs: list[list[str]]) -> None:
-        self.unparsed += sum(self.extract_choice(p) is None for p in preds)
+    def score_sample(self, prediction: str, references: list[str], prompt: str | None = None) -> dict:
+        letters = self.letters(prompt)
+        choice = extract_choice(prediction, letters)
+        refs = [extract_choice(r, letters) or r.strip().upper() for r in references]
+        return {"score": float(choice is not None and choice in refs), "unparsed": float(choice is None)}
 
 
 _NUMBER_TOKEN = re.compile(r"(?<![\d.:])\d+(?:[.:]\d+)*")
@@ -196,19 +161,15 @@ def _first_integer(text: str) -> int | None:
 class IntegerMatch(AnswerMetric):
     """1 when the first integer (digits or number word) in the prediction equals the reference's.
 
-    Predictions without an integer score 0 and are counted in ``unparsed``.
+    Predictions without an integer score 0; part ``unparsed`` is their share.
     """
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self._add_counter("unparsed")
+    part_names = ("unparsed",)
 
-    def score(self, prediction: str, references: list[str]) -> float:
+    def score_sample(self, prediction: str, references: list[str]) -> dict[str, float]:
         value = _first_integer(prediction)
-        return float(value is not None and any(value == _first_integer(r) for r in references))
-
-    def _count_extra(self, preds: Sequence[str], refs: list[list[str]]) -> None:
-        self.unparsed += sum(_first_integer(p) is None for p in preds)
+        hit = value is not None and any(value == _first_integer(r) for r in references)
+        return {"score": float(hit), "unparsed": float(value is None)}
 
 
 _CLOCK = re.compile(r"(?<![\d.:])(\d{1,2})\s*[:.]\s*(\d{2})(?!\d)")
@@ -235,19 +196,20 @@ class TimeMatch(AnswerMetric):
     """Clock-reading accuracy on a 12-hour dial (am/pm is ignored).
 
     Correct when within ``tolerance`` minutes of the reference on the dial, so "10:59" vs
-    "11:00" is correct at tolerance 1. :meth:`compute_parts` also reports ``hour_correct``
-    (equal hours mod 12) and ``minute_correct`` (minutes within tolerance, circular over
-    60). Unparsable predictions score 0 and are counted in ``unparsed``.
+    "11:00" is correct at tolerance 1. Parts: ``hour`` (equal hours mod 12), ``minute``
+    (minutes within tolerance, circular over 60), ``both`` (the headline) and ``unparsed``
+    (share of predictions without a time; they score 0). For LMM_CL's TimeClock rule see
+    ``mllm_cl.benchmark_metrics.TimeClock``.
 
     Args:
         tolerance: Allowed difference in minutes.
     """
 
+    part_names = ("hour", "minute", "both", "unparsed")
+
     def __init__(self, tolerance: int = 1, **kwargs) -> None:
         super().__init__(**kwargs)
         self.tolerance = tolerance
-        for name in ("hour_correct", "minute_correct", "unparsed"):
-            self._add_counter(name)
 
     def _parts(self, prediction: str, references: list[str]) -> tuple[bool, bool, bool]:
         pred = _parse_time(prediction)
@@ -259,21 +221,10 @@ class TimeMatch(AnswerMetric):
         dial = [_circular(pred[0] * 60 + pred[1], r[0] * 60 + r[1], 720) for r in refs]
         return hour, minute, any(d <= self.tolerance for d in dial)
 
-    def score(self, prediction: str, references: list[str]) -> float:
-        return float(self._parts(prediction, references)[2])
-
-    def _count_extra(self, preds: Sequence[str], refs: list[list[str]]) -> None:
-        parts = [self._parts(p, r) for p, r in zip(preds, refs, strict=True)]
-        self.hour_correct += sum(p[0] for p in parts)
-        self.minute_correct += sum(p[1] for p in parts)
-        self.unparsed += sum(_parse_time(p) is None for p in preds)
-
-    def compute_parts(self) -> dict[str, torch.Tensor]:
-        """Returns hour, minute and combined ("both") accuracy, synced across processes."""
-        with self.sync_context():
-            total = self.total.clamp(min=1)  # all counters are 0 when total is 0
-            parts = {"hour": self.hour_correct, "minute": self.minute_correct, "both": self.correct}
-            return {name: count / total for name, count in parts.items()}
+    def score_sample(self, prediction: str, references: list[str]) -> dict[str, float]:
+        hour, minute, both = map(float, self._parts(prediction, references))
+        unparsed = float(_parse_time(prediction) is None)
+        return {"score": both, "hour": hour, "minute": minute, "both": both, "unparsed": unparsed}
 
 
 class EMTClassification(AnswerMetric):
@@ -282,16 +233,18 @@ class EMTClassification(AnswerMetric):
     The prediction is mapped to one label: a label equal to the normalised
     prediction, else the only label contained in it as a whole word/phrase
     (a label inside a longer matched label, "dog" in "hot dog", does not count).
-    Zero or several matches score 0 and are counted in ``unmatched``.
+    Zero or several matches score 0; part ``unmatched`` is their share.
 
     Args:
         labels: Label set used when :meth:`update` gets no per-sample labels.
     """
 
+    sample_fields = ("labels",)
+    part_names = ("unmatched",)
+
     def __init__(self, labels: Sequence[str] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.labels = list(labels) if labels is not None else None
-        self._add_counter("unmatched")
 
     def match_label(self, prediction: str, labels: Sequence[str] | None = None) -> str | None:
         """Returns the normalised label the prediction names (None if none or several)."""
@@ -307,18 +260,19 @@ class EMTClassification(AnswerMetric):
         hits = [c for c, s in spans.items() if not _all_nested(s, c, spans)]
         return hits[0] if len(hits) == 1 else None
 
-    def score(self, prediction: str, references: list[str], labels: Sequence[str] | None = None) -> float:
+    def score_sample(
+        self, prediction: str, references: list[str], labels: Sequence[str] | None = None
+    ) -> dict[str, float]:
         matched = self.match_label(prediction, labels)
-        return float(matched is not None and matched in map(normalize_answer, references))
+        hit = matched is not None and matched in map(normalize_answer, references)
+        return {"score": float(hit), "unmatched": float(matched is None)}
 
     def update(
         self, preds: Sequence[str], targets: Targets, labels: Sequence[Sequence[str]] | None = None
     ) -> None:
         """Adds a batch; ``labels`` optionally gives each sample its own label set."""
-        per_sample = labels if labels is not None else [None] * len(preds)
-        samples = list(zip(preds, _reference_lists(preds, targets), per_sample, strict=True))
-        self._accumulate([self.score(p, r, ls) for p, r, ls in samples])
-        self.unmatched += sum(self.match_label(p, ls) is None for p, _, ls in samples)
+        # An explicit ``labels`` parameter: callers detect per-sample label support by signature.
+        super().update(preds, targets, labels=labels)
 
 
 def _phrase_spans(text: str, phrase: str) -> list[tuple[int, int]]:
@@ -339,11 +293,17 @@ _METRICS: dict[str, type[AnswerMetric]] = {
     "integer": IntegerMatch,
     "time": TimeMatch,
     "emt": EMTClassification,
+    # The papers' benchmark rules: held-out sets (lmms-eval) and LMM_CL's target tasks.
+    **BENCHMARK_METRICS,
+    **LMMCL_METRICS,
 }
 
 
 def build_metric(name: str, **kwargs) -> AnswerMetric:
-    """Builds the metric registered as ``name`` with ``kwargs``; unknown names raise ValueError."""
+    """Builds the metric registered as ``name`` with ``kwargs``; unknown names raise ValueError.
+
+    The one registry of metric names: the generic metrics above plus the benchmark ones.
+    """
     if name not in _METRICS:
         raise ValueError(f"unknown metric {name!r}; valid names: {', '.join(_METRICS)}")
     return _METRICS[name](**kwargs)

@@ -110,7 +110,7 @@ class StreamResults:
     def write(self, folder: str) -> None:
         """accuracy_matrix.csv and results.json in `folder` (NaN written as null in JSON)."""
         atomic_write(os.path.join(folder, "accuracy_matrix.csv"), self.to_csv())
-        atomic_write(os.path.join(folder, "results.json"), json.dumps(_nan_to_none(self.to_dict()), indent=2))
+        atomic_write(os.path.join(folder, "results.json"), json.dumps(nan_to_none(self.to_dict()), indent=2))
 
 
 def method_name(model: dict) -> str:
@@ -129,13 +129,13 @@ def method_name(model: dict) -> str:
     return "+".join(parts)
 
 
-def _nan_to_none(obj):
+def nan_to_none(obj):
     if isinstance(obj, float) and math.isnan(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
+        return {k: nan_to_none(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_nan_to_none(v) for v in obj]
+        return [nan_to_none(v) for v in obj]
     return obj
 
 

@@ -7,6 +7,7 @@ The names below are loaded on first use (PEP 562), so importing a low-level modu
 import importlib
 
 _EXPORTS = {
+    "Benchmark": "benchmarks",
     "Source": "sources",
     "LlavaJson": "sources",
     "HFDataset": "sources",

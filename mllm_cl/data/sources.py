@@ -34,6 +34,11 @@ class Source:
     def describe(self) -> str:
         return type(self).__name__
 
+    @property
+    def eval_defaults(self) -> dict:
+        """Scoring defaults of a benchmark preset (metric, metric_args, max_new_tokens); {} for plain data."""
+        return {}
+
 
 def conversation_to_messages(turns: list, where: str) -> list[dict]:
     """LLaVA `conversations` ([{"from": "human", "value": ...}, ...]) -> chat messages."""
