@@ -8,8 +8,10 @@ Importing `strategies` here is what lets YAML name strategy classes by short nam
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
+import warnings
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -47,6 +49,11 @@ class MllmCLI(LightningCLI):
                 },
                 "trainer.num_sanity_val_steps": 0,
                 "trainer.log_every_n_steps": 10,
+                # The stream sets max_epochs to its task count in setup; -1 only avoids Lightning's
+                # "max_epochs was not set, using 1000" notice, which does not apply here.
+                "trainer.max_epochs": -1,
+                # Our own trainable/total table per component replaces Lightning's module summary.
+                "trainer.enable_model_summary": False,
             }
         )
 
@@ -105,6 +112,29 @@ def usage() -> str:
     )
 
 
+# Notices a user cannot act on: each is a consequence of the stream design or of a library's internals.
+_NOTICES = (
+    # One Lightning epoch is one task, so a short task has fewer batches than log_every_n_steps; logging
+    # still happens every N optimizer steps across tasks.
+    r"The number of training batches .* is smaller than the logging interval",
+    # During fit the stream evaluates itself (generation at task ends), so the val loader list is empty.
+    r"Total length of `.*` across ranks is zero",
+    # Lightning 2.6 internals under torch >= 2.10.
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+
+
+class _DropTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()  # an advert printed on every run
+
+
+def quiet_known_notices() -> None:
+    for pattern in _NOTICES:
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTip())
+
+
 def _command(target: str):
     module, _, function = target.partition(":")
     return getattr(importlib.import_module(module), function)
@@ -123,7 +153,10 @@ def main(args: list[str] | None = None) -> None:
     try:
         if target is not None:
             sys.exit(_command(target)(argv[1:]))
-        MllmCLI(MLLMModule, TaskStream, args=argv, save_config_kwargs={"overwrite": True})
+        quiet_known_notices()
+        # args=None when argv is the real command line: LightningCLI warns when given both.
+        cli_args = None if args is None else argv
+        MllmCLI(MLLMModule, TaskStream, args=cli_args, save_config_kwargs={"overwrite": True})
     except (MllmClError, ArgumentError) as err:
         print(
             f"error: {one_line(err) if isinstance(err, MllmClError) else argument_line(err)}", file=sys.stderr

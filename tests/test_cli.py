@@ -42,3 +42,27 @@ def test_no_arguments_prints_usage_and_exits_2(capsys):
         main([])
     assert exit_.value.code == 2
     assert "commands:" in capsys.readouterr().out
+
+
+def test_a_fit_prints_no_notice_a_user_cannot_act_on(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable, "-m", "mllm_cl", "fit", "--config", str(ROOT / "configs" / "tiny_llava_test.yaml"),
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", f"--trainer.default_root_dir={tmp_path}",
+            "--data.eval_limit=2",
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert "[mllm_cl] after colour:" in text  # the run did happen
+    for notice in (
+        "LightningCLI's args parameter",
+        "Setting it to 1000 epochs",
+        "litlogger",
+        "across ranks is zero",
+        "smaller than the logging interval",
+        "Modules in eval mode",
+        "LeafSpec",
+    ):
+        assert notice not in text, notice
