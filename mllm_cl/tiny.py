@@ -26,16 +26,6 @@ _NUMBER_WORDS = (
     "sixteen seventeen eighteen nineteen twenty"
 ).split()
 _PUNCT = list(".,:;?!'\"()-/<>|_")
-LLAVA_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
-QWEN_SPECIALS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
 WORD_RE = re.compile(r"\w+|[^\w\s]")
 
 
@@ -52,39 +42,48 @@ def _vocabulary(extra: list[str] | None) -> list[str]:
     return list(seen)
 
 
+@dataclass(frozen=True)
+class TokenizerSpecials:
+    """Special tokens of a family's tiny tokenizer (each family file declares its own).
+
+    Args:
+        tokens: every special token, in id order (they take the first ids).
+        named: HF's named specials, e.g. ``{"eos_token": "<|im_end|>", "pad_token": ...}``;
+            ``unk_token`` is required (the word-level model maps unknown words to it).
+        extra: tokens the processor looks up by attribute, e.g. ``{"image_token": "<image>"}``.
+    """
+
+    tokens: tuple[str, ...]
+    named: dict[str, str]
+    extra: dict[str, str]
+
+
 def build_tokenizer(
-    family: str, extra_words: list[str] | None = None, padding_side: str = "right"
+    specials: TokenizerSpecials, extra_words: list[str] | None = None, padding_side: str = "right"
 ) -> PreTrainedTokenizerFast:
     """A word-level fast tokenizer (lower-cased, whitespace + punctuation split).
 
     Word-level keeps every synthetic answer a single token, so a 3M-parameter model learns in
     seconds; decoding joins words with spaces, which normalised exact match ignores.
     """
-    specials = LLAVA_SPECIALS if family == "llava" else QWEN_SPECIALS
-    vocab = {tok: i for i, tok in enumerate(specials)}
-    unk = "<unk>" if family == "llava" else "<|endoftext|>"
+    vocab = {tok: i for i, tok in enumerate(specials.tokens)}
     for word in _vocabulary(extra_words):
         vocab.setdefault(word, len(vocab))
     from tokenizers import normalizers
 
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials.named["unk_token"]))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    if family == "llava":
-        kwargs = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
-        extra_special = {"image_token": "<image>"}
-    else:
-        kwargs = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>")
-        extra_special = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
+    additional = [s for s in specials.tokens if s not in specials.named.values()]
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        additional_special_tokens=[s for s in specials if s not in kwargs.values()],
-        extra_special_tokens=extra_special,
+        additional_special_tokens=additional,
+        extra_special_tokens=dict(specials.extra),
         padding_side=padding_side,
         clean_up_tokenization_spaces=False,
-        **kwargs,
+        **specials.named,
     )
-    tok.add_special_tokens({"additional_special_tokens": [s for s in specials if s not in kwargs.values()]})
+    tok.add_special_tokens({"additional_special_tokens": additional})
     return tok
 
 
