@@ -53,8 +53,8 @@ class Family:
             released checkpoint, `tiny_system_prompt` for a tiny model built from random weights,
             and what `export_hf` recorded for a checkpoint mllm_cl exported. A string sets it;
             None renders no system turn.
-        processor_kwargs: options for the processor (keys in `processor_options`), passed to
-            ``from_pretrained`` for a checkpoint and to the image processor of a tiny model.
+        processor_kwargs: processor options (keys in `processor_options`), applied by
+            `configure_processor` to a checkpoint's processor and to a tiny model's alike.
     """
 
     name: str
@@ -155,8 +155,8 @@ class Family:
         """The HF config of a tiny model with `tokenizer`'s vocabulary."""
         raise NotImplementedError
 
-    def tiny_image_processor(self, size: TinySize, **kwargs):
-        """The image processor of a tiny model; `kwargs` are `processor_kwargs`."""
+    def tiny_image_processor(self, size: TinySize):
+        """The image processor of a tiny model."""
         raise NotImplementedError
 
     def tiny_processor_from_parts(self, image_processor, tokenizer, size: TinySize):
@@ -167,9 +167,10 @@ class Family:
         """The offline processor of a tiny model, with `render` as its chat template."""
         s = _size(size)
         self._weights_prompt = self.tiny_system_prompt
-        image_processor = self.tiny_image_processor(s, **self.processor_kwargs)
-        processor = self.tiny_processor_from_parts(image_processor, build_tokenizer(self.tiny_specials), s)
+        tokenizer = build_tokenizer(self.tiny_specials)
+        processor = self.tiny_processor_from_parts(self.tiny_image_processor(s), tokenizer, s)
         processor.chat_template = self.chat_template()
+        self.configure_processor(processor)
         return processor
 
     def build_tiny(self, size: str = "tiny", seed: int = 0):
@@ -189,7 +190,12 @@ class Family:
             os.path.join(path, _LEGACY_IMAGE_ONLY_MARK)
         )
         cls = self.image_only_processor if image_only and self.image_only_processor else AutoProcessor
-        return cls.from_pretrained(path, **self.processor_kwargs)
+        processor = cls.from_pretrained(path)
+        self.configure_processor(processor)
+        return processor
+
+    def configure_processor(self, processor) -> None:
+        """Apply `processor_kwargs` to a built or loaded processor (families with `processor_options`)."""
 
     def load(self, path: str, dtype: torch.dtype, attn_implementation: str | None, trust_remote_code: bool):
         """Load real weights from a local directory or hub id."""

@@ -55,14 +55,13 @@ class LlavaFamily(Family):
             "llm": [("", inner.language_model), ("lm_head.", model.lm_head)],
         }
 
-    def tiny_image_processor(self, size, **kwargs):
+    def tiny_image_processor(self, size):
         from transformers import CLIPImageProcessor  # deferred: warns about torchvision when touched
 
         return CLIPImageProcessor(
             size={"shortest_edge": size.image_size},
             crop_size={"height": size.image_size, "width": size.image_size},
             do_center_crop=True,
-            **kwargs,
         )
 
     def tiny_processor_from_parts(self, image_processor, tokenizer, size):

@@ -64,7 +64,7 @@ class Qwen25VLFamily(Family):
             "llm": [("", inner.language_model), ("lm_head.", model.lm_head)],
         }
 
-    def tiny_image_processor(self, size, **kwargs):
+    def tiny_image_processor(self, size):
         from transformers import Qwen2VLImageProcessor  # deferred: warns about torchvision when touched
 
         pixels = size.image_size * size.image_size
@@ -73,8 +73,20 @@ class Qwen25VLFamily(Family):
             merge_size=2,
             temporal_patch_size=2,
             size={"shortest_edge": pixels, "longest_edge": pixels},
-            **kwargs,  # min_pixels / max_pixels override the size bounds
         )
+
+    def configure_processor(self, processor):
+        # The image processor's size bounds are min_pixels (shortest_edge) and max_pixels
+        # (longest_edge); set them there rather than as call-time kwargs (deprecated in transformers 5).
+        from transformers.image_utils import SizeDict
+
+        kw, ip = self.processor_kwargs, processor.image_processor
+        if kw:
+            low = kw.get("min_pixels", ip.size["shortest_edge"])
+            high = kw.get("max_pixels", ip.size["longest_edge"])
+            # Only max_pixels given, below the checkpoint's floor: the cap wins (as smart_resize does).
+            low = min(low, high) if "min_pixels" not in kw else low
+            ip.size = SizeDict(shortest_edge=low, longest_edge=high)
 
     def tiny_processor_from_parts(self, image_processor, tokenizer, size):
         return Qwen25VLImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer)
