@@ -1,6 +1,6 @@
-"""Model families: everything that differs between LLaVA-1.5 and Qwen2.5-VL.
+"""Model families: everything that differs between LLaVA-1.5, Qwen2.5-VL and LLaVA-OneVision.
 
-One file per family (`llava`, `qwen2_5_vl`) subclasses `Family` (`base`): its
+One file per family (`llava`, `qwen2_5_vl`, `llava_onevision`) subclasses `Family` (`base`): its
 component roots, chat format (`chat.ChatFormat`, rendered for training and as the exported chat
 template), tiny config and tokenizer specials, bundled 7B config and processor quirks. Adding a
 family = one file here plus its entry in `FAMILIES` (see the README, "Adding a model family").
@@ -14,9 +14,12 @@ from mllm_cl.errors import ConfigError
 from mllm_cl.families.base import COMPONENTS, EXPORT_RECORD, Family, ImageOnlyProcessorMixin
 from mllm_cl.families.chat import ChatFormat, Rendered
 from mllm_cl.families.llava import LlavaFamily
+from mllm_cl.families.llava_onevision import LlavaOnevisionFamily, LlavaOnevisionImageOnlyProcessor
 from mllm_cl.families.qwen2_5_vl import Qwen25VLFamily, Qwen25VLImageOnlyProcessor
 
-FAMILIES: dict[str, type[Family]] = {cls.name: cls for cls in (LlavaFamily, Qwen25VLFamily)}
+FAMILIES: dict[str, type[Family]] = {
+    cls.name: cls for cls in (LlavaFamily, Qwen25VLFamily, LlavaOnevisionFamily)
+}
 
 
 def get_family(name: str, options: dict | None = None) -> Family:
@@ -40,6 +43,8 @@ __all__ = [
     "Family",
     "ImageOnlyProcessorMixin",
     "LlavaFamily",
+    "LlavaOnevisionFamily",
+    "LlavaOnevisionImageOnlyProcessor",
     "Qwen25VLFamily",
     "Qwen25VLImageOnlyProcessor",
     "Rendered",
