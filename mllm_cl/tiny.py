@@ -26,15 +26,21 @@ _NUMBER_WORDS = (
     "sixteen seventeen eighteen nineteen twenty"
 ).split()
 _PUNCT = list(".,:;?!'\"()-/<>|_")
+# Every word of the synthetic generator's questions and answers (`mllm_cl.data.synthetic.vocabulary()`,
+# sorted), written out so building a tokenizer does not import the data package (no import cycle);
+# tests/test_synthetic.py fails when the generator's wording changes and this list must follow.
+SYNTHETIC_WORDS = (
+    ", . 1 2 3 4 5 : ? are blue choose circle circles colour green how image in is left many more no "
+    "objects of one orange purple red shape square squares than the there this triangle triangles what "
+    "which yellow yes"
+).split()
 WORD_RE = re.compile(r"\w+|[^\w\s]")
 
 
 def _vocabulary(extra: list[str] | None) -> list[str]:
     """Word list of the tiny tokenizer: template words, digits 0-100, number words, punctuation."""
-    from mllm_cl.data.synthetic import vocabulary as synthetic_vocabulary
-
     words = _BASE_WORDS + _NUMBER_WORDS + [str(i) for i in range(101)] + _PUNCT
-    words += synthetic_vocabulary() + list(extra or [])
+    words += SYNTHETIC_WORDS + list(extra or [])
     seen: dict[str, None] = {}
     for word in words:
         for piece in WORD_RE.findall(word.lower()):
