@@ -65,7 +65,7 @@ class Family:
     checkpoint_system_prompt: str | None = None
     tiny_system_prompt: str | None = None
     processor_options: tuple[str, ...] = ()
-    image_only_processor: type | None = None  # the class tiny processors are built with, if special
+    image_only_processor: type | None = None  # tiny processors' class, reloaded from our exports
     # Processor outputs stacked per batch (besides token tensors); `batch_images` joins them.
     image_keys: tuple[str, ...] = ("pixel_values", "image_grid_thw", "image_sizes")
 
