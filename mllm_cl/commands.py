@@ -49,7 +49,7 @@ def export_main(argv: list[str]) -> int:
     if not os.path.isfile(args.config):
         raise ConfigError(f"--config {args.config}: file not found")
     module = load_trained(args.config, args.ckpt_path)
-    export_hf(merged_model(module), module.processor, args.out, module.family.name)
+    export_hf(merged_model(module), module.processor, args.out, module.family)
     print(f"[mllm_cl] exported {module.family.name} to {args.out}")
     return 0
 

@@ -7,37 +7,14 @@ What users hand to vLLM or lmms-eval; `LlavaForConditionalGeneration.from_pretra
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import lightning as L
 import torch
 
-from mllm_cl.families import Qwen25VLImageOnlyProcessor
+from mllm_cl.families import EXPORT_RECORD, Family, get_family
 from mllm_cl.sharding import is_dtensor, local_log_dir
-
-# Jinja equivalents of `Family.render` (HF's apply_chat_template), for processors that have none.
-# Message content may be a string (with <image> marks) or HF's list of {"type": "image" | "text"}.
-# Literal text goes through {{ '...' }} so whitespace control never eats it.
-_CONTENT = (
-    "{%- macro content(m) -%}{%- if m['content'] is string -%}"
-    "{{ m['content'] | replace('<image>', IMAGE) }}{%- else -%}{%- for c in m['content'] -%}"
-    "{%- if c['type'] == 'image' -%}{{ IMAGE + '\\n' }}{%- elif c['type'] == 'text' -%}{{ c['text'] }}"
-    "{%- endif -%}{%- endfor -%}{%- endif -%}{%- endmacro -%}"
-)
-CHAT_TEMPLATES = {
-    "llava": "{%- set IMAGE = '<image>' -%}"
-    + _CONTENT
-    + "{%- for m in messages -%}{%- if m['role'] == 'system' -%}{{ content(m) + ' ' }}"
-    "{%- elif m['role'] == 'user' -%}{{ 'USER: ' + content(m) + ' ' }}"
-    "{%- else -%}{{ 'ASSISTANT: ' + content(m) + '</s>' }}{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}",
-    "qwen2_5_vl": "{%- set IMAGE = '<|vision_start|><|image_pad|><|vision_end|>' -%}"
-    + _CONTENT
-    + "{%- if messages[0]['role'] != 'system' -%}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif -%}"
-    "{%- for m in messages -%}{{ '<|im_start|>' + m['role'] + '\\n' + content(m) + '<|im_end|>\\n' }}"
-    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}",
-}
 
 
 def plain_model(model):
@@ -82,21 +59,28 @@ def gathered_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def export_hf(
-    model, processor, out_dir: str, family: str | None = None, state_dict: dict | None = None
+    model, processor, out_dir: str, family: Family | str | None = None, state_dict: dict | None = None
 ) -> str:
     """Write `model` (LoRA merged) and `processor` to `out_dir` in the Hugging Face layout.
 
+    `family` (the module's `Family`, or its name): a processor without a chat template gets the
+    family's (`Family.chat_template`, the training format), and `EXPORT_RECORD` notes the family
+    options that `Family.load_processor` must restore. Given only a name, the system prompt the
+    model was trained with is unknown and not recorded (loading then assumes the released
+    checkpoint's), so pass the `Family` itself.
     `state_dict`: the weights to write instead of the model's own (`gathered_state_dict` under FSDP2).
     """
     model = plain_model(model) if state_dict is None else model
     os.makedirs(out_dir, exist_ok=True)
-    if family in CHAT_TEMPLATES and not getattr(processor, "chat_template", None):
-        processor.chat_template = CHAT_TEMPLATES[family]
+    fam = get_family(family) if isinstance(family, str) else family
+    if fam is not None and not getattr(processor, "chat_template", None):
+        processor.chat_template = fam.chat_template()
     model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     processor.save_pretrained(out_dir)
-    if isinstance(processor, Qwen25VLImageOnlyProcessor):
-        # Tells Qwen25VLFamily.load_processor to rebuild the image-only processor (no torchvision).
-        open(os.path.join(out_dir, "mllm_cl_image_only_processor"), "w").close()
+    if fam is not None:
+        record = fam.export_record(processor, with_system_prompt=isinstance(family, Family))
+        with open(os.path.join(out_dir, EXPORT_RECORD), "w") as f:
+            json.dump(record, f, indent=2)
     return out_dir
 
 
@@ -123,7 +107,7 @@ class ExportHF(L.Callback):
         root = self.dirpath or os.path.join(local_log_dir(trainer), "hf")
         name = trainer.datamodule.tasks[trainer.current_epoch].name
         out = root if self.last_only else os.path.join(root, f"after_{name}")
-        export_hf(pl_module.model, pl_module.processor, out, pl_module.family.name, state)
+        export_hf(pl_module.model, pl_module.processor, out, pl_module.family, state)
 
 
 def merged_model(module):

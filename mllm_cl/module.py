@@ -40,7 +40,9 @@ class MLLMModule(L.LightningModule):
     """Sequential fine-tuning of LLaVA-1.5 / Qwen2.5-VL with a freezing recipe and strategies.
 
     Args:
-        family: model family, "llava" or "qwen2_5_vl".
+        family: model family, "llava", "qwen2_5_vl" or "llava_onevision".
+        family_options: the family's options, e.g. {"system_prompt": null} or, for Qwen2.5-VL,
+            {"processor_kwargs": {"max_pixels": 1003520}} (see `mllm_cl.families.base.Family`).
         pretrained: local directory or hub id of a checkpoint; None builds a tiny model.
         tiny: size of the randomly initialised model built from config when `pretrained` is None
             ("tiny" for tests, "demo" for the CPU demo).
@@ -65,6 +67,7 @@ class MLLMModule(L.LightningModule):
     def __init__(
         self,
         family: str = "llava",
+        family_options: dict | None = None,
         pretrained: str | None = None,
         tiny: str = "tiny",
         tiny_seed: int = 0,
@@ -89,7 +92,7 @@ class MLLMModule(L.LightningModule):
         check_attn_implementation(attn_implementation)
         if dtype not in _DTYPES:
             raise ValueError(f"model.dtype={dtype!r}; use one of {sorted(_DTYPES)}")
-        self.family = get_family(family)
+        self.family = get_family(family, family_options)
         self.recipe = recipe if recipe is not None else Full()
         self.strategies = list(strategies or [])
         self.processor = (

@@ -5,7 +5,8 @@
 
 The real architecture is built from a ``config.json`` on the meta device (no weights, no memory, no
 download), the recipe is applied by canonical name exactly as `Recipe.setup` does, and memory is
-estimated per GPU. Bundled configs (`bundled_configs()`): ``llava-1.5-7b-hf``, ``qwen2.5-vl-7b-instruct``.
+estimated per GPU. Bundled configs (`bundled_configs()`): each family's `Family.bundled_config`
+(``llava-1.5-7b-hf``, ``qwen2.5-vl-7b-instruct``, ``llava-onevision-qwen2-7b-ov-hf``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 import strategies
 from mllm_cl.errors import ConfigError, MllmClError
-from mllm_cl.families import COMPONENTS, get_family
+from mllm_cl.families import COMPONENTS, FAMILIES, get_family
 from strategies.freeze import Patterns, Recipe
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -247,7 +248,7 @@ def make_recipe(name: str | None, patterns: list[str] | None, exclude: list[str]
 def main(argv: list[str] | None = None) -> int:
     """``python -m mllm_cl plan ...``: print the plan; returns 0, or 2 after a one-line error."""
     p = _Parser(prog="mllm_cl plan", description="Trainable parameters and memory per GPU of a setup.")
-    p.add_argument("--family", required=True, help="llava or qwen2_5_vl")
+    p.add_argument("--family", required=True, help=f"one of {', '.join(FAMILIES)}")
     p.add_argument(
         "--config", help="config.json, a checkpoint folder, or a bundled name (default: by family)"
     )
@@ -266,14 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     try:
         args = p.parse_args(sys.argv[1:] if argv is None else argv)
-        config = args.config or {"llava": "llava-1.5-7b-hf", "qwen2_5_vl": "qwen2.5-vl-7b-instruct"}.get(
-            args.family
-        )
-        if config is None:
-            get_family(args.family)  # raises the "unknown family" error
         result = plan(
             args.family,
-            config,
+            args.config or get_family(args.family).bundled_config,
             make_recipe(args.recipe, args.patterns, args.exclude),
             num_gpus=args.gpus,
             micro_batch=args.micro_batch,

@@ -26,25 +26,21 @@ _NUMBER_WORDS = (
     "sixteen seventeen eighteen nineteen twenty"
 ).split()
 _PUNCT = list(".,:;?!'\"()-/<>|_")
-LLAVA_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
-QWEN_SPECIALS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
+# Every word of the synthetic generator's questions and answers (`mllm_cl.data.synthetic.vocabulary()`,
+# sorted), written out so building a tokenizer does not import the data package (no import cycle);
+# tests/test_synthetic.py fails when the generator's wording changes and this list must follow.
+SYNTHETIC_WORDS = (
+    ", . 1 2 3 4 5 : ? are blue choose circle circles colour green how image in is left many more no "
+    "objects of one orange purple red shape square squares than the there this triangle triangles what "
+    "which yellow yes"
+).split()
 WORD_RE = re.compile(r"\w+|[^\w\s]")
 
 
 def _vocabulary(extra: list[str] | None) -> list[str]:
     """Word list of the tiny tokenizer: template words, digits 0-100, number words, punctuation."""
-    from mllm_cl.data.synthetic import vocabulary as synthetic_vocabulary
-
     words = _BASE_WORDS + _NUMBER_WORDS + [str(i) for i in range(101)] + _PUNCT
-    words += synthetic_vocabulary() + list(extra or [])
+    words += SYNTHETIC_WORDS + list(extra or [])
     seen: dict[str, None] = {}
     for word in words:
         for piece in WORD_RE.findall(word.lower()):
@@ -52,39 +48,48 @@ def _vocabulary(extra: list[str] | None) -> list[str]:
     return list(seen)
 
 
+@dataclass(frozen=True)
+class TokenizerSpecials:
+    """Special tokens of a family's tiny tokenizer (each family file declares its own).
+
+    Args:
+        tokens: every special token, in id order (they take the first ids).
+        named: HF's named specials, e.g. ``{"eos_token": "<|im_end|>", "pad_token": ...}``;
+            ``unk_token`` is required (the word-level model maps unknown words to it).
+        extra: tokens the processor looks up by attribute, e.g. ``{"image_token": "<image>"}``.
+    """
+
+    tokens: tuple[str, ...]
+    named: dict[str, str]
+    extra: dict[str, str]
+
+
 def build_tokenizer(
-    family: str, extra_words: list[str] | None = None, padding_side: str = "right"
+    specials: TokenizerSpecials, extra_words: list[str] | None = None, padding_side: str = "right"
 ) -> PreTrainedTokenizerFast:
     """A word-level fast tokenizer (lower-cased, whitespace + punctuation split).
 
     Word-level keeps every synthetic answer a single token, so a 3M-parameter model learns in
     seconds; decoding joins words with spaces, which normalised exact match ignores.
     """
-    specials = LLAVA_SPECIALS if family == "llava" else QWEN_SPECIALS
-    vocab = {tok: i for i, tok in enumerate(specials)}
-    unk = "<unk>" if family == "llava" else "<|endoftext|>"
+    vocab = {tok: i for i, tok in enumerate(specials.tokens)}
     for word in _vocabulary(extra_words):
         vocab.setdefault(word, len(vocab))
     from tokenizers import normalizers
 
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials.named["unk_token"]))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    if family == "llava":
-        kwargs = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
-        extra_special = {"image_token": "<image>"}
-    else:
-        kwargs = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>")
-        extra_special = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
+    additional = [s for s in specials.tokens if s not in specials.named.values()]
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        additional_special_tokens=[s for s in specials if s not in kwargs.values()],
-        extra_special_tokens=extra_special,
+        additional_special_tokens=additional,
+        extra_special_tokens=dict(specials.extra),
         padding_side=padding_side,
         clean_up_tokenization_spaces=False,
-        **kwargs,
+        **specials.named,
     )
-    tok.add_special_tokens({"additional_special_tokens": [s for s in specials if s not in kwargs.values()]})
+    tok.add_special_tokens({"additional_special_tokens": additional})
     return tok
 
 

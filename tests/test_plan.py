@@ -19,7 +19,8 @@ from strategies import LLM, Full, MLPGateUp, Patterns, Projector, SAProj, Vision
 
 LLAVA = "llava-1.5-7b-hf"
 QWEN = "qwen2.5-vl-7b-instruct"
-CASES = [("llava", LLAVA), ("qwen2_5_vl", QWEN)]
+OV = "llava-onevision-qwen2-7b-ov-hf"
+CASES = [("llava", LLAVA), ("qwen2_5_vl", QWEN), ("llava_onevision", OV)]
 
 
 def config_path(name):
@@ -32,7 +33,7 @@ def text_config(family, name):
 
 def test_bundled_configs_found_next_to_the_module():
     configs = bundled_configs()
-    assert {LLAVA, QWEN} <= set(configs)
+    assert {LLAVA, QWEN, OV} <= set(configs)
     for path in configs.values():
         assert path.is_file() and path.parent.name == "model_configs"
         json.loads(path.read_text())
@@ -97,6 +98,51 @@ def test_qwen_saproj_counts_gqa_shapes_and_biases():
     assert r["params"]["all"]["trainable"] == t.num_hidden_layers * per_layer
 
 
+def test_llava_onevision_config_has_the_published_numbers():
+    ov = load_config(get_family("llava_onevision"), config_path(OV))
+    t, v = ov.text_config, ov.vision_config
+    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads) == (
+        3584,
+        28,
+        28,
+        4,
+    )
+    assert (t.intermediate_size, t.vocab_size, t.max_position_embeddings) == (18944, 152128, 32768)
+    assert (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.intermediate_size) == (
+        1152,
+        26,
+        16,
+        4304,
+    )
+    assert (v.image_size, v.patch_size, v.vision_use_head) == (384, 14, False)
+    assert (ov.image_token_index, ov.video_token_index, ov.vision_feature_layer) == (151646, 151647, -1)
+    assert (ov.vision_feature_select_strategy, ov.vision_aspect_ratio) == ("full", "anyres_max_9")
+    assert ov.image_grid_pinpoints == [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+    assert ov.tie_word_embeddings is False
+
+
+def test_llava_onevision_saproj_counts_gqa_shapes_and_biases():
+    """Qwen2-7B attention: q 3584x3584 + bias, k and v 3584x512 (4 kv heads x 128) + bias, o 3584x3584."""
+    h, kv = 3584, 4 * 128
+    per_layer = (h * h + h) + 2 * (h * kv + kv) + h * h
+    r = plan("llava_onevision", config_path(OV), SAProj())
+    assert r["params"]["all"]["trainable"] == r["params"]["llm"]["trainable"] == 28 * per_layer == 822_212_608
+
+
+def test_llava_onevision_total_by_hand():
+    """SigLIP-so400m minus its last layer (no head), a 2-layer MLP projector, Qwen2-7B with llava-hf's
+    152,128-row vocabulary (untied lm_head) and the `image_newline` vector (counted with the LLM)."""
+    d, i, layers, positions = 1152, 4304, 26, (384 // 14) ** 2
+    block = 4 * (d * d + d) + (d * i + i) + (i * d + d) + 2 * 2 * d  # attention, MLP, two LayerNorms
+    vision = (3 * 14 * 14 * d + d) + positions * d + layers * block + 2 * d  # patch conv, positions, post-LN
+    h, inter, vocab, kv = 3584, 18944, 152128, 512
+    projector = (d * h + h) + (h * h + h)
+    layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * inter + 2 * h
+    llm = 2 * vocab * h + 28 * layer + h + h  # embeddings + lm_head, layers, final norm, image_newline
+    p = plan("llava_onevision", config_path(OV), Full())["params"]
+    assert (p["vision"]["total"], p["projector"]["total"], p["llm"]["total"]) == (vision, projector, llm)
+
+
 @pytest.mark.parametrize("family,name", CASES)
 def test_mlp_gate_up(family, name):
     t = text_config(family, name)
@@ -113,7 +159,11 @@ def test_full_total_is_the_real_parameter_count(family, name):
     r = plan(family, config_path(name), Full())
     assert r["params"]["all"]["total"] == r["params"]["all"]["trainable"] == real
     assert sum(r["params"][c]["total"] for c in ("vision", "projector", "llm")) == real
-    assert real == {"llava": 7_063_427_072, "qwen2_5_vl": 8_292_166_656}[family]  # published sizes
+    # Published sizes; OneVision's hub page says 8.03B (the exact figure: `test_llava_onevision_total_by_hand`).
+    assert (
+        real
+        == {"llava": 7_063_427_072, "qwen2_5_vl": 8_292_166_656, "llava_onevision": 8_030_807_584}[family]
+    )
 
 
 @pytest.mark.parametrize("family,name", CASES)

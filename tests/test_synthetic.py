@@ -207,6 +207,13 @@ def test_vocabulary_covers_every_question_and_answer():
                 assert set(words) <= set(vocab), (skill, set(words) - set(vocab))
 
 
+def test_the_tiny_tokenizer_lists_the_generator_words():
+    """`mllm_cl.tiny` writes the generator's words out (so it need not import the data package)."""
+    from mllm_cl.tiny import SYNTHETIC_WORDS
+
+    assert SYNTHETIC_WORDS == vocabulary()
+
+
 def test_synthetic_dataset_matches_samples_and_uses_cache(tmp_path):
     args = ("spatial", 12, 3, 48, "noisy")
     ds = synthetic_dataset(*args, cache_dir=str(tmp_path))

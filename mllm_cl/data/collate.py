@@ -21,8 +21,6 @@ from mllm_cl.families import Family
 IGNORE = -100
 # Bookkeeping keys a collated batch may carry besides model inputs (never passed to the model).
 BOOKKEEPING_KEYS = ("meta", "skipped", "truncated")
-# Keys that are stacked / concatenated per batch; everything else the processor returns is ignored.
-_CONCAT_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")
 
 
 def _collapse(ids: list[int], image_id: int) -> tuple[list[int], list[int]]:
@@ -205,10 +203,10 @@ class Encoder:
         for key, value in pads.items():
             if key in kept[0]:
                 batch[key] = torch.cat([_pad(x[key], longest, value, padding_side) for x in kept])
-        for key in _CONCAT_KEYS:
+        for key in self.family.image_keys:  # other processor outputs are not model inputs here
             parts = [x[key] for x in kept if key in x]
             if parts:
-                batch[key] = torch.cat(parts)
+                batch[key] = self.family.batch_images(key, parts)
         return batch
 
 
