@@ -69,17 +69,22 @@ def test_a_record_rebuilds_exactly_what_encoding_gives(tiny, overlength):
     assert [encoder.record(c)["skip"] for c in cases] == [o and overlength == "skip" for o in over]
 
 
-def count_calls(monkeypatch, name: str = "_labels") -> list:
-    """The real `Encoder._labels` (tokenise and align labels) or `Encoder._process` (the processor
-    call that tokenises text), with a call counter around it."""
-    calls, real = [], getattr(Encoder, name)
+def count_calls(monkeypatch, *names: str) -> list:
+    """The real `Encoder._labels` (tokenise and align labels), or the Encoder methods named (e.g. the
+    processor call `_process` and its text-only twin `_process_tokens`), with one call counter."""
+    calls = []
+    for name in names or ("_labels",):
+        real = getattr(Encoder, name)
 
-    def counted(self, *args):
-        calls.append(1)
-        return real(self, *args)
+        def counted(self, *args, _real=real):
+            calls.append(1)
+            return _real(self, *args)
 
-    monkeypatch.setattr(Encoder, name, counted)
+        monkeypatch.setattr(Encoder, name, counted)
     return calls
+
+
+TOKENISE = ("_process", "_process_tokens")  # every way a sample's text is tokenised
 
 
 def test_second_use_reads_the_cache_and_keys_follow_what_tokens_depend_on(tmp_path, monkeypatch, tiny_llava):
@@ -158,7 +163,7 @@ def fit(tmp: Path, name: str, cache: bool) -> dict:
 
 def test_fit_with_the_cache_trains_identically_and_the_second_run_does_not_retokenise(tmp_path, monkeypatch):
     plain = fit(tmp_path, "plain", cache=False)
-    labels, processed = count_calls(monkeypatch), count_calls(monkeypatch, "_process")
+    labels, processed = count_calls(monkeypatch), count_calls(monkeypatch, *TOKENISE)
     first = fit(tmp_path, "first", cache=True)
     built = len(labels)
     assert built == 16  # the task's 8 samples and the hybrid source's 8, tokenised once into the cache
@@ -177,7 +182,7 @@ def test_cache_subcommand_prebuilds_everything_a_fit_then_reads(tmp_path, monkey
     assert done.value.code == 0
     assert "3 of 3 tables cached" in capsys.readouterr().out  # task, eval set, DataHybrid source
     assert len(list((tmp_path / "cache").iterdir())) == 3
-    processed = count_calls(monkeypatch, "_process")
+    processed = count_calls(monkeypatch, *TOKENISE)
     main(["fit", "--config", str(config), "--data.cache_processed", "true"])
     assert processed == []  # the fit tokenised nothing
     with pytest.raises(SystemExit) as bad:
