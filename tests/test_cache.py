@@ -188,3 +188,55 @@ def test_cache_subcommand_prebuilds_everything_a_fit_then_reads(tmp_path, monkey
     with pytest.raises(SystemExit) as bad:
         main(["cache", "--config", str(tmp_path / "missing.yaml")])
     assert bad.value.code == 2 and "missing.yaml" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_damaged_entry_is_detected_rebuilt_and_reported(tmp_path, monkeypatch, tiny_llava):
+    from mllm_cl.families import get_family
+
+    table = Synthetic("colour", n=6, seed=5, image_size=32).load()
+    encoder = Encoder(get_family("llava"), tiny_llava[1], max_length=64, overlength="truncate")
+    calls = count_calls(monkeypatch)
+    first = tokenized(table, encoder, tmp_path)
+    tokens = [first[i]["_tokens"] for i in range(6)]
+    (entry,) = tmp_path.iterdir()
+    (arrow,) = entry.rglob("*.arrow")
+    arrow.write_bytes(arrow.read_bytes()[:-40])  # a write that never finished
+    with pytest.warns(UserWarning, match=r"damaged \(.*bytes.*\); rebuilding it"):
+        again = tokenized(table, encoder, tmp_path)
+    assert len(calls) == 12 and [again[i]["_tokens"] for i in range(6)] == tokens
+    (entry / "mllm_cl_entry.json").unlink()  # half deleted
+    with pytest.warns(UserWarning, match="no readable manifest"):
+        tokenized(table, encoder, tmp_path)
+    assert len(calls) == 18 and [p.name for p in tmp_path.iterdir()] == [entry.name]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_building_reads_no_pixels_and_qwen_only_image_sizes(tmp_path, monkeypatch, capfd, family):
+    from mllm_cl.families import get_family
+
+    sizes = [(40, 24), (24, 56), (64, 64), (30, 30)]
+    for k, size in enumerate(sizes):
+        Image.new("RGB", size, (200, 10 * k, 10)).save(tmp_path / f"{k}.png")
+    records = [{"id": k, "image": f"{k}.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
+                                                                {"from": "gpt", "value": "red"}]} for k in range(4)]  # fmt: skip
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    table = LlavaJson(str(tmp_path / "d.json"), cache_dir=str(tmp_path / "conv")).load()
+    fam = get_family(family)
+    encoder = Encoder(fam, fam.tiny_processor("tiny"))
+    want = [encoder.encode_train(table[k]) for k in range(4)]  # the processor, on the decoded images
+    processed = count_calls(monkeypatch, "_process")
+    cached = tokenized(table, encoder, tmp_path / "cache", where="d.json")
+    assert processed == []  # no image processed while building
+    for k in range(4):
+        assert_same_encoding(encoder.encode_train(cached[k]), want[k])
+    err = capfd.readouterr().err  # the build's progress bar
+    assert "tokenising d.json (text only)" in err and "samples/s" in err
+    # Pixels are never read: LLaVA-1.5 does not open the images at all, Qwen2.5-VL reads their headers.
+    for k in range(4):
+        (tmp_path / f"{k}.png").write_bytes(b"not an image")
+    other = Encoder(fam, fam.tiny_processor("tiny"), max_length=100)  # a new cache key: built again
+    if family == "llava":
+        assert len(tokenized(table, other, tmp_path / "cache")) == 4
+    else:
+        with pytest.raises(DataError, match=r"d.json record 0: image .*0.png cannot be read"):
+            tokenized(table, other, tmp_path / "cache")

@@ -95,18 +95,19 @@ class Encoder:
         parts = text.split(token)
         if len(parts) - 1 != len(images):
             raise DataError(f"{len(parts) - 1} image placeholders in the text but {len(images)} images")
-        counts = self.image_token_counts([img.size for img in images])
+        counts = self.image_token_counts(images)
         expanded = parts[0] + "".join(token * n + part for n, part in zip(counts, parts[1:], strict=True))
         ids = self.processor.tokenizer([expanded], return_tensors="pt")["input_ids"]
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
-    def image_token_counts(self, sizes: list[tuple[int, int]]) -> list[int]:
-        """Tokens of each image of these (width, height) sizes, without processing pixels."""
+    def image_token_counts(self, images: list) -> list[int]:
+        """Tokens of each image (PIL image or `ImageRef`) without processing pixels; sizes are read
+        only when the count depends on them."""
         rule = self._count_rule
-        if isinstance(rule, int) or not sizes:
-            return [rule] * len(sizes)
-        counted = self.processor._get_num_multimodal_tokens(image_sizes=[(h, w) for w, h in sizes])
-        return [int(n) for n in counted.num_image_tokens]
+        if isinstance(rule, int) or not images:
+            return [rule] * len(images)
+        sizes = [(img.size[1], img.size[0]) for img in images]  # (height, width), as the formula wants
+        return [int(n) for n in self.processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens]
 
     @property
     def needs_pixels(self) -> bool:

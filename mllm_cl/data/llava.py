@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from mllm_cl.errors import DataError
 
 FORMAT_VERSION = 1  # bump when the columns or the checks change
 _CHUNK = 1 << 24  # characters read at a time from a JSON list
+_TAIL = 16  # an error this close to the buffer's end may be the cut (e.g. inside a \uXXXX escape)
 _SPACE = re.compile(r"\s*")
 _PARALLEL_FROM = 20_000  # records: below this a worker pool costs more than it saves
 
@@ -97,17 +99,15 @@ class _ListReader:
         return DataError(f"{self.path}:{line}: malformed JSON ({msg}); fix the file")
 
     def _element(self) -> int:
-        """End of the element at `pos`. An error may mean the element runs past the buffer: read on,
-        and call it malformed once reading on moves nothing (or the file ends)."""
-        last = None
+        """End of the element at `pos`. An error at the buffer's end (or an unterminated string) may
+        only mean the element runs past the buffer: read on and retry; any other error is real."""
         while True:
             try:
                 return self.decoder.raw_decode(self.buf, self.pos)[1]
             except json.JSONDecodeError as err:
-                here = (err.msg, self.dropped + err.pos)
-                if here == last or not self._read_on():
+                cut = err.msg.startswith("Unterminated") or err.pos >= len(self.buf) - _TAIL
+                if not cut or not self._read_on():
                     raise self._malformed(err.msg, err.pos) from err
-                last = here
 
     def records(self, limit: int | None) -> Iterator[dict]:
         if self._space() != "[":
@@ -189,6 +189,7 @@ def convert(path: str, image_folder: str, limit: int | None, tmp: Path, num_proc
         new_fingerprint=digest("checked", path, limit), desc=f"checking {os.path.basename(path)}",
     )  # fmt: skip
     del raw
+    shutil.rmtree(tmp / "raw")  # the record texts: not part of the entry
     _raise_first_error(table)
     return table
 
