@@ -6,7 +6,7 @@ costs seconds and gigabytes per rank, and forked dataloader workers slowly un-sh
 
 1. the main process streams the file and splits it into record texts (a JSON list is cut with
    `json.JSONDecoder.raw_decode` over a sliding buffer, never `json.loads` of the whole file),
-   written to Arrow in batches;
+   written to a temporary Arrow file in batches;
 2. `datasets.map` with `num_proc` workers parses and checks every record (conversation shape, the
    images exist) and writes the normalised columns; the first bad record stops the conversion
    with one line naming the file and the record (``file record i`` / ``file:line``);
@@ -29,7 +29,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from mllm_cl.data.store import cache_root, cached_entry, digest, write_rows
+from mllm_cl.data.store import cache_root, cached_entry, digest, write_batches, write_rows
 from mllm_cl.data.tables import ImageRef, conversation_to_messages, last_answer, open_image
 from mllm_cl.errors import DataError
 
@@ -178,7 +178,7 @@ def convert(path: str, image_folder: str, limit: int | None, tmp: Path, num_proc
     """The checked table of `path`, written under `tmp` (see the module docstring)."""
     jsonl = path.endswith(".jsonl")
     records = (jsonl_records if jsonl else json_list_records)(path, limit)
-    raw = write_rows(records, _features(raw=True), tmp / "raw", digest("raw", path, limit))
+    raw = write_batches(records, _features(raw=True), tmp / "raw" / "records.arrow")
     if len(raw) == 0:
         return write_rows(iter([]), _features(raw=False), tmp, "")
     procs = num_proc or (min(8, os.cpu_count() or 1) if len(raw) >= _PARALLEL_FROM else 1)
