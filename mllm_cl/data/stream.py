@@ -20,6 +20,7 @@ from mllm_cl.checkpointing import resume_offset
 from mllm_cl.data.cache import cache_root, tokenized
 from mllm_cl.data.collate import Encoder
 from mllm_cl.data.sources import Source
+from mllm_cl.data.tables import tokens_view
 from mllm_cl.errors import DataError
 from mllm_cl.generation import prompt_labels
 
@@ -96,6 +97,9 @@ class _Head(Sequence):
         if not 0 <= i < self.n:
             raise IndexError(i)
         return self.table[i]
+
+    def tokens_view(self, i: int) -> dict:  # building a cache of eval prompts decodes no image
+        return tokens_view(self.table, i)
 
 
 class _Encoded(Dataset):
