@@ -176,9 +176,12 @@ def _check(raw: str, where: str, image_folder: str, jsonl: bool) -> dict:
 
 def convert(path: str, image_folder: str, limit: int | None, tmp: Path, num_proc: int | None):
     """The checked table of `path`, written under `tmp` (see the module docstring)."""
-    jsonl = path.endswith(".jsonl")
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    jsonl, name = path.endswith(".jsonl"), os.path.basename(path)
     records = (jsonl_records if jsonl else json_list_records)(path, limit)
-    raw = write_batches(records, _features(raw=True), tmp / "raw" / "records.arrow")
+    with tqdm(records, unit=" records", desc=f"reading {name}", mininterval=1.0) as bar:
+        raw = write_batches(bar, _features(raw=True), tmp / "raw" / "records.arrow")
     if len(raw) == 0:
         return write_rows(iter([]), _features(raw=False), tmp, "")
     procs = num_proc or (min(8, os.cpu_count() or 1) if len(raw) >= _PARALLEL_FROM else 1)
@@ -186,7 +189,7 @@ def convert(path: str, image_folder: str, limit: int | None, tmp: Path, num_proc
         check_batch, batched=True, batch_size=1000, writer_batch_size=1000, num_proc=procs if procs > 1 else None,
         fn_kwargs={"path": path, "image_folder": image_folder, "jsonl": jsonl}, features=_features(raw=False),
         remove_columns=raw.column_names, cache_file_name=str(tmp / "records.arrow"),
-        new_fingerprint=digest("checked", path, limit), desc=f"checking {os.path.basename(path)}",
+        new_fingerprint=digest("checked", path, limit), desc=f"checking {name}",
     )  # fmt: skip
     del raw
     shutil.rmtree(tmp / "raw")  # the record texts: not part of the entry
