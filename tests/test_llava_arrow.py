@@ -186,3 +186,35 @@ def test_tokens_view_opens_no_image(folder, monkeypatch):
     assert view["messages"] == EXPECTED[1]["messages"] and opened == []
     assert all(isinstance(img, ImageRef) for img in view["images"])
     assert [img.size for img in view["images"]] == [(9, 7), (5, 11)]  # read from the headers on demand
+
+
+def _load_in_child(path: str, cache: str, out: str) -> None:
+    table = LlavaJson(path, cache_dir=cache).load()
+    Path(out).write_text(json.dumps([table[i]["id"] for i in range(len(table))]))
+
+
+def test_concurrent_processes_convert_once_and_share_the_entry(folder, monkeypatch):
+    """Ranks start together: one converts, the others wait on the entry's lock and map its files."""
+    import multiprocessing
+
+    path, cache, log = write(folder, RECORDS * 50, "jsonl"), str(folder / "cache"), folder / "conversions"
+    real = llava.convert
+
+    def logged(*args):
+        with open(log, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        return real(*args)
+
+    monkeypatch.setattr(llava, "convert", logged)  # inherited by the forked processes
+    ctx = multiprocessing.get_context("fork")
+    children = [
+        ctx.Process(target=_load_in_child, args=(path, cache, str(folder / f"ids{k}"))) for k in range(3)
+    ]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(120)
+    assert [child.exitcode for child in children] == [0, 0, 0]
+    assert len(log.read_text().split()) == 1
+    ids = [json.loads((folder / f"ids{k}").read_text()) for k in range(3)]
+    assert ids[0] == ids[1] == ids[2] and len(ids[0]) == 200 and ids[0][:4] == [e["id"] for e in EXPECTED]
