@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from mllm_cl.data.collate import Encoder
 from mllm_cl.data.meta import eval_meta
+from mllm_cl.data.tables import tokens_view  # a sample without decoding its images
 from mllm_cl.errors import ConfigError
 from mllm_cl.metrics import build_metric
 from mllm_cl.results import atomic_write, nan_to_none
@@ -79,7 +80,7 @@ class EvalColumn:
                 )
         # The head of the set, so a wrong reference format stops the run before the model loads;
         # `ColumnScorer.add` checks every batch too, so no sample is scored under a silent cap.
-        head = [list(self.table[i]["answers"]) for i in range(min(len(self.table), 32))]
+        head = [list(tokens_view(self.table, i)["answers"]) for i in range(min(len(self.table), 32))]
         self.validate(metric, head)
 
     def validate(self, metric, references: list[list[str]]) -> None:

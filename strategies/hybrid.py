@@ -11,6 +11,10 @@ TaskSampler then takes one shuffled pass over this table, so the ratio is exact 
 each batch is a uniform draw from it (hypergeometric, mean r_k). Every rank builds the same table
 and the sampler hands each a disjoint slice, so multi-process runs see the same composition.
 With ``epochs`` instead of ``steps`` the task's own data is then seen (1 − Σr) times as often.
+
+Only the drawn samples are touched: the indices are drawn first (seeded, as above), then each
+source is narrowed to the samples drawn from it (`only_drawn`), so with ``data.cache_processed``
+a task over LLaVA-665k tokenises its 80 drawn samples, not 665,000 (one cache entry per task).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import random
 from collections.abc import Sequence
 
 from mllm_cl.data.sources import Source
+from mllm_cl.data.tables import Subset
 from mllm_cl.errors import ConfigError
 from strategies.base import Strategy
 
@@ -66,10 +71,28 @@ def compose(tables: list, ratios: Sequence[float], total: int, seed: int) -> Com
     return Composed(tables, refs)
 
 
+def only_drawn(mixed: Composed, stream, names: list[str]) -> Composed:
+    """The same items, each mixed-in table narrowed to the samples drawn from it and passed through
+    the stream's processed-data cache (`names[k]` describes table k + 1). Table 0 (the task's own
+    data, cached by the stream already) is kept as it is."""
+    tables, position = [mixed.tables[0]], [None]
+    for k, (table, name) in enumerate(zip(mixed.tables[1:], names, strict=True), 1):
+        drawn = sorted({i for t, i in mixed.refs if t == k})
+        tables.append(stream.tokenized(Subset(table, drawn), f"{name} ({len(drawn)} drawn)"))
+        position.append({i: p for p, i in enumerate(drawn)})
+    return Composed(tables, [(k, i if k == 0 else position[k][i]) for k, i in mixed.refs])
+
+
 def task_samples(module, task: int) -> int:
     """Samples the task consumes over all ranks (the length of one TaskSampler pass)."""
-    stream, trainer = module.trainer.datamodule, module.trainer
-    return stream.steps_for(task) * trainer.accumulate_grad_batches * stream.batch_size * trainer.world_size
+    return stream_task_samples(module.trainer.datamodule, task)
+
+
+def stream_task_samples(stream, task: int) -> int:
+    """`task_samples` from the stream alone (its trainer when attached, else one process)."""
+    trainer = stream.trainer
+    world, accumulate = (trainer.world_size, trainer.accumulate_grad_batches) if trainer else (1, 1)
+    return stream.steps_for(task) * accumulate * stream.batch_size * world
 
 
 def check_ratios(name: str, ratios: Sequence[float]) -> None:
@@ -96,7 +119,6 @@ class DataHybrid(Strategy):
         check_ratios("DataHybrid", ratios)
         self.sources, self.ratios, self.seed = sources, list(ratios), seed
         self._tables: list | None = None
-        self._cached: list | None = None
 
     def tables(self) -> list:
         if self._tables is None:  # loaded once, on first use (sources may be large)
@@ -106,13 +128,23 @@ class DataHybrid(Strategy):
                     raise ConfigError(f"DataHybrid: source {s.describe()} has no samples; fix its path")
         return self._tables
 
+    def mix(self, stream, task: int, table: Sequence[dict], total: int) -> Composed:
+        """Task `task`'s items: drawn from `table` and the sources, then only the drawn ones kept."""
+        mixed = compose([table, *self.tables()], self.ratios, total, self.seed * 1000 + task)
+        names = [f"DataHybrid source {s.describe()}, task {task}" for s in self.sources]
+        return only_drawn(mixed, stream, names)
+
     def cached_tables(self, stream) -> list:
-        """The sources through the stream's processed-data cache (as loaded when caching is off)."""
-        if self._cached is None:
-            named = zip(self.sources, self.tables(), strict=True)
-            self._cached = [stream.tokenized(t, f"DataHybrid source {s.describe()}") for s, t in named]
-        return self._cached
+        """What each task draws from each source, through the stream's processed-data cache (the
+        `cache` command builds these ahead of a fit; its draws assume the stream's trainer, else one
+        process without gradient accumulation)."""
+        return [
+            drawn
+            for task in range(len(stream.tasks))
+            for drawn in self.mix(
+                stream, task, stream.train_table(task), stream_task_samples(stream, task)
+            ).tables[1:]
+        ]
 
     def train_data(self, module, task: int, table: Sequence[dict]) -> Sequence[dict]:
-        extra = self.cached_tables(module.trainer.datamodule)
-        return compose([table, *extra], self.ratios, task_samples(module, task), self.seed * 1000 + task)
+        return self.mix(module.trainer.datamodule, task, table, task_samples(module, task))

@@ -11,6 +11,9 @@ sources, so the checkpointed state is a few integers). Policies, applied at each
 
 From the second task on, a fraction `ratio` of each task's samples comes from the buffer, with
 the exact composition of `strategies.hybrid` (table of the task's length, seeded, per-rank slices).
+Only the samples drawn are touched: the references are drawn first, and the items point into the
+stream's own training tables (read from its processed-data cache when ``data.cache_processed`` is
+on, which those tables already fill), so replay encodes nothing beyond what a task trains on.
 """
 
 from __future__ import annotations

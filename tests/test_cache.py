@@ -69,17 +69,22 @@ def test_a_record_rebuilds_exactly_what_encoding_gives(tiny, overlength):
     assert [encoder.record(c)["skip"] for c in cases] == [o and overlength == "skip" for o in over]
 
 
-def count_calls(monkeypatch, name: str = "_labels") -> list:
-    """The real `Encoder._labels` (tokenise and align labels) or `Encoder._process` (the processor
-    call that tokenises text), with a call counter around it."""
-    calls, real = [], getattr(Encoder, name)
+def count_calls(monkeypatch, *names: str) -> list:
+    """The real `Encoder._labels` (tokenise and align labels), or the Encoder methods named (e.g. the
+    processor call `_process` and its text-only twin `_process_tokens`), with one call counter."""
+    calls = []
+    for name in names or ("_labels",):
+        real = getattr(Encoder, name)
 
-    def counted(self, *args):
-        calls.append(1)
-        return real(self, *args)
+        def counted(self, *args, _real=real):
+            calls.append(1)
+            return _real(self, *args)
 
-    monkeypatch.setattr(Encoder, name, counted)
+        monkeypatch.setattr(Encoder, name, counted)
     return calls
+
+
+TOKENISE = ("_process", "_process_tokens")  # every way a sample's text is tokenised
 
 
 def test_second_use_reads_the_cache_and_keys_follow_what_tokens_depend_on(tmp_path, monkeypatch, tiny_llava):
@@ -158,7 +163,7 @@ def fit(tmp: Path, name: str, cache: bool) -> dict:
 
 def test_fit_with_the_cache_trains_identically_and_the_second_run_does_not_retokenise(tmp_path, monkeypatch):
     plain = fit(tmp_path, "plain", cache=False)
-    labels, processed = count_calls(monkeypatch), count_calls(monkeypatch, "_process")
+    labels, processed = count_calls(monkeypatch), count_calls(monkeypatch, *TOKENISE)
     first = fit(tmp_path, "first", cache=True)
     built = len(labels)
     assert built == 16  # the task's 8 samples and the hybrid source's 8, tokenised once into the cache
@@ -177,9 +182,61 @@ def test_cache_subcommand_prebuilds_everything_a_fit_then_reads(tmp_path, monkey
     assert done.value.code == 0
     assert "3 of 3 tables cached" in capsys.readouterr().out  # task, eval set, DataHybrid source
     assert len(list((tmp_path / "cache").iterdir())) == 3
-    processed = count_calls(monkeypatch, "_process")
+    processed = count_calls(monkeypatch, *TOKENISE)
     main(["fit", "--config", str(config), "--data.cache_processed", "true"])
     assert processed == []  # the fit tokenised nothing
     with pytest.raises(SystemExit) as bad:
         main(["cache", "--config", str(tmp_path / "missing.yaml")])
     assert bad.value.code == 2 and "missing.yaml" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_damaged_entry_is_detected_rebuilt_and_reported(tmp_path, monkeypatch, tiny_llava):
+    from mllm_cl.families import get_family
+
+    table = Synthetic("colour", n=6, seed=5, image_size=32).load()
+    encoder = Encoder(get_family("llava"), tiny_llava[1], max_length=64, overlength="truncate")
+    calls = count_calls(monkeypatch)
+    first = tokenized(table, encoder, tmp_path)
+    tokens = [first[i]["_tokens"] for i in range(6)]
+    (entry,) = tmp_path.iterdir()
+    (arrow,) = entry.rglob("*.arrow")
+    arrow.write_bytes(arrow.read_bytes()[:-40])  # a write that never finished
+    with pytest.warns(UserWarning, match=r"damaged \(.*bytes.*\); rebuilding it"):
+        again = tokenized(table, encoder, tmp_path)
+    assert len(calls) == 12 and [again[i]["_tokens"] for i in range(6)] == tokens
+    (entry / "mllm_cl_entry.json").unlink()  # half deleted
+    with pytest.warns(UserWarning, match="no readable manifest"):
+        tokenized(table, encoder, tmp_path)
+    assert len(calls) == 18 and [p.name for p in tmp_path.iterdir()] == [entry.name]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_building_reads_no_pixels_and_qwen_only_image_sizes(tmp_path, monkeypatch, capfd, family):
+    from mllm_cl.families import get_family
+
+    sizes = [(40, 24), (24, 56), (64, 64), (30, 30)]
+    for k, size in enumerate(sizes):
+        Image.new("RGB", size, (200, 10 * k, 10)).save(tmp_path / f"{k}.png")
+    records = [{"id": k, "image": f"{k}.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
+                                                                {"from": "gpt", "value": "red"}]} for k in range(4)]  # fmt: skip
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    table = LlavaJson(str(tmp_path / "d.json"), cache_dir=str(tmp_path / "conv")).load()
+    fam = get_family(family)
+    encoder = Encoder(fam, fam.tiny_processor("tiny"))
+    want = [encoder.encode_train(table[k]) for k in range(4)]  # the processor, on the decoded images
+    processed = count_calls(monkeypatch, "_process")
+    cached = tokenized(table, encoder, tmp_path / "cache", where="d.json")
+    assert processed == []  # no image processed while building
+    for k in range(4):
+        assert_same_encoding(encoder.encode_train(cached[k]), want[k])
+    err = capfd.readouterr().err  # the build's progress bar
+    assert "tokenising d.json (text only)" in err and "samples/s" in err
+    # Pixels are never read: LLaVA-1.5 does not open the images at all, Qwen2.5-VL reads their headers.
+    for k in range(4):
+        (tmp_path / f"{k}.png").write_bytes(b"not an image")
+    other = Encoder(fam, fam.tiny_processor("tiny"), max_length=100)  # a new cache key: built again
+    if family == "llava":
+        assert len(tokenized(table, other, tmp_path / "cache")) == 4
+    else:
+        with pytest.raises(DataError, match=r"d.json record 0: image .*0.png cannot be read"):
+            tokenized(table, other, tmp_path / "cache")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import json
 
 import lightning as L
 import pytest
 import torch
+from PIL import Image
 
-from mllm_cl.data import Synthetic, Task, TaskStream
+from mllm_cl.data import LlavaJson, Synthetic, Task, TaskStream
+from mllm_cl.data.collate import Encoder
 from mllm_cl.data.stream import TaskSampler
 from mllm_cl.errors import ConfigError
 from mllm_cl.module import MLLMModule
@@ -150,3 +153,45 @@ def test_replay_in_a_real_fit_rehearses_task_one(tmp_path):
     memory = tables[1].tables[1].refs  # the buffer as it was when task 2 started: task 1 only
     assert len(memory) == 8 and {t for t, _ in memory} == {0}
     assert set(from_buffer) <= {stream._train[0][i]["id"] for _, i in memory}
+
+
+def llava_source(folder, n: int) -> str:
+    """A LLaVA JSON file of n records over three real PNGs (ids src0, src1, ...)."""
+    for k, rgb in enumerate([(200, 0, 0), (0, 200, 0), (0, 0, 200)]):
+        Image.new("RGB", (32, 32), rgb).save(folder / f"{k}.png")
+    records = [
+        {"id": f"src{i}", "image": f"{i % 3}.png",
+         "conversations": [{"from": "human", "value": "<image>\nWhat colour is it?"},
+                           {"from": "gpt", "value": ["red", "green", "blue"][i % 3]}]}
+        for i in range(n)
+    ]  # fmt: skip
+    (folder / "src.json").write_text(json.dumps(records))
+    return str(folder / "src.json")
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_hybrid_task_encodes_only_the_samples_it_draws(tmp_path, monkeypatch, cache):
+    encoded = []  # ids of the source samples the encoder saw: cache records or on-the-fly encodings
+    for name in ("record", "encode_train"):
+        real = getattr(Encoder, name)
+
+        def counted(self, sample, *args, _real=real):
+            if sample["id"].startswith("src") and "_tokens" not in sample:
+                encoded.append(sample["id"])
+            return _real(self, sample, *args)
+
+        monkeypatch.setattr(Encoder, name, counted)
+    source = LlavaJson(llava_source(tmp_path, 300), cache_dir=str(tmp_path / "cache"))
+    hybrid = DataHybrid([source], [0.5], seed=4)
+    module = MLLMModule(family="llava", recipe=SAProj(), strategies=[hybrid], lr=1e-3)
+    task = Task("colour", train=Synthetic("colour", n=8, seed=3, image_size=32), steps=3)
+    stream = TaskStream(tasks=[task], batch_size=4, cache_processed=cache, cache_dir=str(tmp_path / "cache"))
+    trainer = quiet_trainer(tmp_path, callbacks=[tables := Tables()])
+    trainer.fit(module, datamodule=stream)
+    trained = [tables.tables[0][j]["id"] for j in range(len(tables.tables[0]))]
+    drawn = [i for i in trained if i.startswith("src")]
+    assert len(trained) == 12 and len(drawn) == 6  # 3 steps x batch 4, half of them from the source
+    assert sorted(encoded) == sorted(drawn)  # each drawn sample encoded once; none of the other 294
+    # The same draws as mixing the whole source (what was trained before only the drawn were kept).
+    full = compose([stream.train_table(0), source.load()], [0.5], 12, seed=4 * 1000 + 0)
+    assert trained == [full[j]["id"] for j in range(12)]

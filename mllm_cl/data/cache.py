@@ -3,9 +3,17 @@
 A second run over the same data skips tokenisation and label alignment: it reads each sample's token
 ids and answer labels (training) or prompt ids (eval sets) from a memory-mapped Arrow table. Per sample we store the ids and labels with
 every run of image tokens collapsed to one position, plus the run lengths (a 576-token LLaVA image
-costs one integer), and whether the sample was skipped or truncated for length. Images are still
-decoded and run through the image processor in the dataloader workers: pixel tensors would be far
-larger on disk than the images themselves.
+costs one integer), and whether the sample was skipped or truncated for length. Training still
+decodes images and runs the image processor in the dataloader workers: pixel tensors would be far
+larger on disk than the images themselves. Building the cache does not: where every image has the
+same token count (LLaVA-1.5) no image is opened, and where the count follows the image size
+(Qwen2.5-VL) only the file headers are read (`Encoder.record`, `mllm_cl.data.tables.ImageRef`).
+
+Building streams: the dataloader workers' records go to Arrow in batches (`Dataset.from_generator`),
+so the main process's memory stays flat in the number of samples, and a bar shows samples/s. A
+data-hybrid source is cached per task for the samples that task draws only (`strategies.hybrid`).
+An entry left damaged (truncated, half deleted) is detected when opened and rebuilt, with a warning
+(`mllm_cl.data.store`).
 
 The cache key covers everything the tokens depend on: the table's fingerprint (size and mtime of a
 LLaVA JSON file, the `datasets` fingerprint of a Hugging Face dataset), the tokenizer (its whole
@@ -22,19 +30,20 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from mllm_cl.data.store import cache_root, cached_entry, digest, open_entry, write_rows
+from mllm_cl.data.tables import tokens_view
 from mllm_cl.errors import DataError
 
-CACHE_VERSION = 1  # bump when the record layout or the encoding rules change
+__all__ = ["cache_root", "digest", "cache_key", "build", "tokenized", "Tokenized", "save_atomically"]
 
-
-def cache_root() -> Path:
-    """`$MLLM_CL_CACHE`, else ~/.cache/mllm_cl (synthetic data and processed data live here)."""
-    return Path(os.environ.get("MLLM_CL_CACHE") or Path.home() / ".cache" / "mllm_cl")
+CACHE_VERSION = 2  # bump when the record layout, the encoding rules or the storage change
+_BATCH = 64  # samples per worker hand-over while building
 
 
 def save_atomically(dataset, final: Path) -> None:
@@ -50,11 +59,6 @@ def save_atomically(dataset, final: Path) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def digest(*parts) -> str:
-    """Short stable hash of JSON-able parts (cache keys and table fingerprints)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def cache_key(fingerprint: str, encoder, prompt: bool = False) -> str:
@@ -95,35 +99,56 @@ class _Records(Dataset):
         return len(self.table)
 
     def __getitem__(self, i):
-        try:
-            return self.encoder.record(self.table[i], self.prompt)
+        try:  # only tokens are cached: images are not decoded unless their token count needs the pixels
+            sample = self.table[i] if self.encoder.needs_pixels else tokens_view(self.table, i)
+            return self.encoder.record(sample, self.prompt)
         except DataError as err:  # re-raised in the main process as one line, not a worker traceback
             return {"error": str(err)}
 
 
-def _as_is(item):
-    return item
-
-
-def build(table, encoder, path: Path, num_workers: int, prompt: bool = False) -> None:
-    """Encode every sample of `table` once and save the records under `path` (atomically)."""
+def _features():
     import datasets  # noqa: PLC0415  (heavy import, only when caching)
 
-    columns = {"ids": [], "labels": [], "image_runs": [], "skip": [], "truncated": []}
-    loader = DataLoader(
-        _Records(table, encoder, prompt), batch_size=None, collate_fn=_as_is, num_workers=num_workers
-    )
-    for record in loader:
-        if "error" in record:
-            raise DataError(record["error"])
-        for key, values in columns.items():
-            values.append(record[key])
-    ints = datasets.Sequence(datasets.Value("int32"))
-    flag = datasets.Value("bool")
-    features = datasets.Features(
+    ints, flag = datasets.List(datasets.Value("int32")), datasets.Value("bool")
+    return datasets.Features(
         {"ids": ints, "labels": ints, "image_runs": ints, "skip": flag, "truncated": flag}
     )
-    save_atomically(datasets.Dataset.from_dict(columns, features=features), path)
+
+
+def _records(table, encoder, num_workers: int, prompt: bool, where: str) -> Iterator[dict]:
+    """Every sample's record in order, encoded by `num_workers` workers, with a samples/s bar."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    pixels = encoder.needs_pixels  # decided once here (the processor runs on two probes); workers inherit it
+    loader = DataLoader(
+        _Records(table, encoder, prompt), batch_size=_BATCH, collate_fn=list, num_workers=num_workers
+    )
+    with tqdm(
+        total=len(table),
+        unit=" samples",
+        desc=f"tokenising {where}" + ("" if pixels else " (text only)"),
+        mininterval=1.0,
+    ) as bar:
+        for batch in loader:
+            for record in batch:
+                if "error" in record:
+                    raise DataError(record["error"])
+                yield record
+            bar.update(len(batch))
+
+
+def build(table, encoder, path: Path, num_workers: int, prompt: bool = False, where: str = "table"):
+    """Encode every sample of `table` once into the cache entry `path`, streaming: records go to Arrow
+    in batches as they come, so memory stays flat however large the table. Returns the records
+    (memory-mapped). An existing intact entry is opened as it is; a damaged one is rebuilt."""
+
+    def write(tmp: Path):
+        rows = _records(table, encoder, num_workers, prompt, where)
+        written = write_rows(rows, _features(), tmp, path.name)
+        rank_zero_info(f"data.cache_processed: {where}: tokenised {len(table)} samples into {path}")
+        return written
+
+    return cached_entry(path, write, f"data.cache_processed: {where}", lock=False)
 
 
 class Tokenized(Sequence):
@@ -150,19 +175,14 @@ def tokenized(
 
     Returns `table` itself when it has no fingerprint (it cannot be keyed, so it is encoded on the fly).
     """
-    import datasets  # noqa: PLC0415
-    from lightning.pytorch.utilities import rank_zero_info  # noqa: PLC0415
-
     fingerprint = getattr(table, "fingerprint", None)
     if fingerprint is None:
         rank_zero_info(f"data.cache_processed: {where} has no fingerprint; encoding it on the fly")
         return table
     path = root / f"processed-{cache_key(fingerprint, encoder, prompt)}"
-    if not path.is_dir() and (trainer is None or trainer.local_rank == 0):
-        build(table, encoder, path, num_workers, prompt)
-        rank_zero_info(
-            f"data.cache_processed: {where or 'table'}: tokenised {len(table)} samples into {path}"
-        )
+    records = None
+    if trainer is None or trainer.local_rank == 0:
+        records = build(table, encoder, path, num_workers, prompt, where or "table")
     if trainer is not None:
         trainer.strategy.barrier("mllm_cl_processed_cache")
-    return Tokenized(table, datasets.load_from_disk(str(path)))
+    return Tokenized(table, records if records is not None else open_entry(path))

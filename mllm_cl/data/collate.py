@@ -14,6 +14,7 @@ import itertools
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from mllm_cl.errors import DataError
 from mllm_cl.families import Family
@@ -21,6 +22,11 @@ from mllm_cl.families import Family
 IGNORE = -100
 # Bookkeeping keys a collated batch may carry besides model inputs (never passed to the model).
 BOOKKEEPING_KEYS = ("meta", "skipped", "truncated")
+# (height, width) sizes: the count formula must give one number for all of them to call it fixed, and
+# match the processor's real output on the probes (small, so checking costs milliseconds).
+_SPREAD = [(56, 56), (64, 64), (160, 96), (96, 160), (336, 336), (480, 640), (1024, 768), (3000, 2000),
+           (300, 4000), (90, 1200)]  # fmt: skip
+_PROBES = [(64, 64), (160, 96)]
 
 
 def _collapse(ids: list[int], image_id: int) -> tuple[list[int], list[int]]:
@@ -80,14 +86,66 @@ class Encoder:
             kwargs["images"] = images
         return dict(self.processor(**kwargs))
 
+    def _process_tokens(self, text: str, images: list) -> dict:
+        """What `_process` gives for the text (input_ids, attention_mask), pixels untouched: each image
+        placeholder is expanded to the image's token count, as the processor would, then tokenised."""
+        token = self.processor.image_token
+        parts = text.split(token)
+        if len(parts) - 1 != len(images):
+            raise DataError(f"{len(parts) - 1} image placeholders in the text but {len(images)} images")
+        counts = self.image_token_counts(images)
+        expanded = parts[0] + "".join(token * n + part for n, part in zip(counts, parts[1:], strict=True))
+        ids = self.processor.tokenizer([expanded], return_tensors="pt")["input_ids"]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def image_token_counts(self, images: list) -> list[int]:
+        """Tokens of each image (PIL image or `ImageRef`) without processing pixels; sizes are read
+        only when the count depends on them."""
+        rule = self._count_rule
+        if isinstance(rule, int) or not images:
+            return [rule] * len(images)
+        sizes = [(img.size[1], img.size[0]) for img in images]  # (height, width), as the formula wants
+        return [int(n) for n in self.processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens]
+
+    @property
+    def needs_pixels(self) -> bool:
+        """Whether tokenising needs the processed images (an image token count we cannot predict)."""
+        return self._count_rule is None
+
+    @functools.cached_property
+    def _count_rule(self) -> int | str | None:
+        """An int: every image has that many tokens (LLaVA-1.5: 576, whatever its size); "sizes": the
+        count follows the image size (Qwen2.5-VL's dynamic resolution); None: unknown, so the processor
+        runs on the pixels as before. The processor's own count formula (the one vLLM uses) is trusted
+        only where it agrees with what the processor really produces for two probe images."""
+        predict = getattr(self.processor, "_get_num_multimodal_tokens", None)
+        if predict is None or getattr(self.processor, "image_token", None) is None:
+            return None
+        image_id, token = self.family.image_token_id(self.processor), self.processor.image_token
+        try:
+            spread = list(predict(image_sizes=_SPREAD).num_image_tokens)
+            real = []
+            for h, w in _PROBES:
+                probe = self.processor(text=[token], images=[Image.new("RGB", (w, h))], return_tensors="pt")
+                ids = probe["input_ids"]
+                real.append(int((ids == image_id).sum()))
+            if real != list(predict(image_sizes=_PROBES).num_image_tokens):
+                return None
+        except Exception:  # noqa: BLE001  (a processor without the formula, or a changed signature)
+            return None
+        return spread[0] if len(set(spread)) == 1 else "sizes"
+
     def encode_train(self, sample: dict) -> dict | None:
         """input_ids / labels / pixel tensors for one sample, or None when skipped for length."""
         if "_tokens" in sample:  # data.cache_processed: tokens from the cache, only images processed here
             return self._from_record(sample, sample["_tokens"])
+        return self._train(sample, self._process)
+
+    def _train(self, sample: dict, process) -> dict | None:
         rendered = self.family.render(prepare_messages(sample, self.family, for_generation=False))
         if not rendered.targets:
             raise DataError(f"sample {sample.get('id')!r} has no assistant answer to train on")
-        out = self._process(rendered.text, sample.get("images") or [])
+        out = process(rendered.text, sample.get("images") or [])
         ids = out["input_ids"][0].tolist()
         labels = self._labels(rendered, ids)
         if len(ids) > self.max_length:
@@ -113,8 +171,12 @@ class Encoder:
 
     def record(self, sample: dict, prompt: bool = False) -> dict:
         """The compact cacheable form of `encode_train(sample)` (or `encode_prompt`, without labels):
-        image-token runs collapsed to one id plus their lengths."""
-        out = self.encode_prompt(sample) if prompt else self.encode_train(sample)
+        image-token runs collapsed to one id plus their lengths.
+
+        Only tokens are kept, so no pixels are processed when the image token count is known without
+        them (`needs_pixels` False): `sample`'s images then need only a `size` (an `ImageRef`)."""
+        process = self._process if self.needs_pixels else self._process_tokens
+        out = self._prompt(sample, process) if prompt else self._train(sample, process)
         if out is None:
             return {"ids": [], "labels": [], "image_runs": [], "skip": True, "truncated": False}
         image_id = self.family.image_token_id(self.processor)
@@ -184,9 +246,12 @@ class Encoder:
         """The prompt for generation (conversation up to the last user turn)."""
         if "_tokens" in sample:  # data.cache_processed
             return self._from_record(sample, sample["_tokens"])
+        return self._prompt(sample, self._process)
+
+    def _prompt(self, sample: dict, process) -> dict:
         messages = prepare_messages(sample, self.family, for_generation=True)
         rendered = self.family.render(messages, add_generation_prompt=True)
-        return self._process(rendered.text, sample.get("images") or [])
+        return process(rendered.text, sample.get("images") or [])
 
     def collate(self, items: list[dict | None], padding_side: str = "right") -> dict:
         """Pad token tensors to the batch's longest and concatenate image tensors."""

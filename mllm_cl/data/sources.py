@@ -13,16 +13,15 @@ Subclass `Source` and implement `load` to add one.
 from __future__ import annotations
 
 import bisect
-import json
 import os
 from collections.abc import Sequence
 
-from PIL import Image
-
 from mllm_cl.data.cache import digest
+from mllm_cl.data.llava import load_llava
+from mllm_cl.data.tables import ImageRef, conversation_to_messages, last_answer, tokens_view
 from mllm_cl.errors import DataError
 
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+__all__ = ["Source", "LlavaJson", "HFDataset", "Synthetic", "Mix", "conversation_to_messages"]
 
 
 class Source:
@@ -40,54 +39,6 @@ class Source:
         return {}
 
 
-def conversation_to_messages(turns: list, where: str) -> list[dict]:
-    """LLaVA `conversations` ([{"from": "human", "value": ...}, ...]) -> chat messages."""
-    if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: 'conversations' must be a non-empty list of turns")
-    messages = []
-    for turn in turns:
-        role = (
-            _ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
-            if isinstance(turn, dict)
-            else None
-        )
-        if role is None:
-            raise DataError(f"{where}: each turn needs 'from' (human/gpt) and 'value'; got {str(turn)[:80]}")
-        messages.append({"role": role, "content": str(turn.get("value", turn.get("content", "")))})
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        raise DataError(f"{where}: conversation has no answer (no non-empty 'gpt' turn); add one or drop it")
-    return messages
-
-
-def _open_image(path: str, where: str) -> Image.Image:
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as err:
-        raise DataError(
-            f"{where}: image {path} cannot be read ({err}); replace the file or drop the sample"
-        ) from err
-
-
-class _LlavaTable(Sequence):
-    def __init__(self, records: list[tuple[str, dict]], image_folder: str):
-        self.records, self.image_folder = records, image_folder
-
-    def __len__(self):
-        return len(self.records)
-
-    def __getitem__(self, i):
-        where, rec = self.records[i]
-        files = rec.get("image") or []
-        files = [files] if isinstance(files, str) else files
-        images = [_open_image(os.path.join(self.image_folder, f), where) for f in files]
-        messages = conversation_to_messages(rec.get("conversations"), where)
-        answers = rec.get("answers") or [
-            next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
-        ]
-        return {"id": str(rec.get("id", i)), "images": images, "messages": messages, "answers": list(answers)}
-
-
 class LlavaJson(Source):
     """LLaVA conversation data: a JSON list or JSONL file plus an image folder.
 
@@ -95,57 +46,36 @@ class LlavaJson(Source):
     "conversations": [{"from": "human", "value": "<image>\\nQ"}, {"from": "gpt", "value": "A"}]}``.
     An optional ``"answers"`` list gives several references for evaluation (VQA).
 
+    The file is converted once into a memory-mapped Arrow table, checked record by record (see
+    `mllm_cl.data.llava`); later runs, ranks and dataloader workers share that table.
+
     Args:
         path: the .json or .jsonl file.
         image_folder: folder that image paths are relative to (default: the file's folder).
         limit: keep only the first `limit` records.
+        num_proc: processes that check records during the conversion (default: up to 8 for files
+            of 20,000 records or more, else 1).
+        cache_dir: where the converted table is kept (default: $MLLM_CL_CACHE or ~/.cache/mllm_cl).
     """
 
-    def __init__(self, path: str, image_folder: str | None = None, limit: int | None = None):
-        self.path, self.limit = path, limit
+    def __init__(
+        self,
+        path: str,
+        image_folder: str | None = None,
+        limit: int | None = None,
+        num_proc: int | None = None,
+        cache_dir: str | None = None,
+    ):
+        self.path, self.limit, self.num_proc, self.cache_dir = path, limit, num_proc, cache_dir
         self.image_folder = image_folder if image_folder is not None else os.path.dirname(path)
 
     def describe(self):
         return self.path
 
-    def _records(self) -> list[tuple[str, dict]]:
+    def load(self):
         if not os.path.isfile(self.path):
             raise DataError(f"{self.path}: file not found; fix the path in your config")
-        with open(self.path, encoding="utf-8") as fh:
-            text = fh.read()
-        if self.path.endswith(".jsonl"):
-            out = []
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        out.append((f"{self.path}:{lineno}", json.loads(line)))
-                    except json.JSONDecodeError as err:
-                        raise DataError(
-                            f"{self.path}:{lineno}: malformed JSON ({err.msg}); fix or delete the line"
-                        ) from err
-            return out
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{self.path}:{err.lineno}: malformed JSON ({err.msg}); fix the file") from err
-        if not isinstance(data, list):
-            raise DataError(f"{self.path}: expected a JSON list of records (or a .jsonl file)")
-        return [(f"{self.path} record {i}", rec) for i, rec in enumerate(data)]
-
-    def load(self):
-        records = self._records()[: self.limit]
-        for where, rec in records:
-            if not isinstance(rec, dict):
-                raise DataError(f"{where}: a record must be a JSON object")
-            conversation_to_messages(rec.get("conversations"), where)  # fail at start, not mid-run
-            files = rec.get("image") or []
-            for f in [files] if isinstance(files, str) else files:
-                full = os.path.join(self.image_folder, f)
-                if not os.path.isfile(full):
-                    raise DataError(
-                        f"{where}: image {full} not found; fix image_folder or the record's 'image'"
-                    )
-        table = _LlavaTable(records, self.image_folder)
+        table = load_llava(self.path, self.image_folder, self.limit, self.num_proc, self.cache_dir)
         stat = os.stat(self.path)  # key of data.cache_processed: the file's identity and version
         table.fingerprint = digest(
             "llava", os.path.abspath(self.path), stat.st_size, stat.st_mtime_ns,
@@ -165,9 +95,22 @@ class _ColumnTable(Sequence):
 
     def __getitem__(self, i):
         row, s = self.ds[i], self.src
-        where = f"{s.path} row {i}"
         image = row.get(s.image_column) if s.image_column else None
-        images = [image.convert("RGB")] if image is not None else []
+        return self._sample(row, i, [image.convert("RGB")] if image is not None else [])
+
+    def tokens_view(self, i: int) -> dict:
+        """Sample i with its image undecoded (raw Arrow row: the encoded bytes or the file path)."""
+        if not hasattr(self, "_raw"):
+            self._raw = self.ds.with_format("arrow")
+        row, column = self._raw[i].to_pylist()[0], self.src.image_column
+        image = row.get(column) if column else None
+        where = f"{self.src.path} row {i}"
+        images = [] if image is None else [ImageRef(image.get("path"), image.get("bytes"), where)]
+        return self._sample(row, i, images)
+
+    def _sample(self, row: dict, i: int, images: list) -> dict:
+        s = self.src
+        where = f"{s.path} row {i}"
         if s.conversations_column:
             messages = conversation_to_messages(row[s.conversations_column], where)
         else:
@@ -180,7 +123,7 @@ class _ColumnTable(Sequence):
                 {"role": "assistant", "content": str(answer)},
             ]
         refs = row.get(s.answers_column) if s.answers_column else None
-        refs = refs or [next(m["content"] for m in reversed(messages) if m["role"] == "assistant")]
+        refs = refs or [last_answer(messages)]
         return {"id": str(row.get("id", i)), "images": images, "messages": messages, "answers": list(refs)}
 
 
@@ -307,11 +250,18 @@ class _Concat(Sequence):
     def __len__(self):
         return self.offsets[-1]
 
-    def __getitem__(self, i):
+    def _locate(self, i: int) -> tuple[object, int]:
         if not 0 <= i < len(self):
             raise IndexError(i)
         k = bisect.bisect_right(self.offsets, i) - 1
-        return self.tables[k][i - self.offsets[k]]
+        return self.tables[k], i - self.offsets[k]
+
+    def __getitem__(self, i):
+        table, j = self._locate(i)
+        return table[j]
+
+    def tokens_view(self, i: int) -> dict:
+        return tokens_view(*self._locate(i))
 
 
 class Mix(Source):

@@ -21,6 +21,7 @@ from mllm_cl.data.cache import cache_root, tokenized
 from mllm_cl.data.collate import Encoder
 from mllm_cl.data.meta import eval_meta
 from mllm_cl.data.sources import Source
+from mllm_cl.data.tables import tokens_view
 from mllm_cl.errors import DataError
 from mllm_cl.evaluation import EvalColumn, resolve_column
 
@@ -99,6 +100,9 @@ class _Head(Sequence):
         if not 0 <= i < self.n:
             raise IndexError(i)
         return self.table[i]
+
+    def tokens_view(self, i: int) -> dict:  # building a cache of eval prompts decodes no image
+        return tokens_view(self.table, i)
 
 
 class _Encoded(Dataset):
