@@ -118,6 +118,7 @@ def probe() -> dict:
     """Versions, the GPU and its measured bf16 matmul rate, which families exist (run as --probe)."""
     import importlib.metadata as md
 
+    sys.path.insert(0, str(ROOT))  # this checkout's mllm_cl, not an installed copy
     info: dict = {"python": sys.version.split()[0], "executable": sys.executable, "packages": {}}
     for name in "torch lightning transformers jsonargparse datasets peft torchmetrics pytest".split():
         try:

@@ -74,7 +74,7 @@ def parse_recipe(configs: list[str], family: str | None, device: str, checkpoint
     """(module, datamodule, trainer options) of the recipe YAMLs, through `MllmCLI(run=False)`."""
     args = [a for c in configs for a in ("--config", c)]
     args += ["--model.pretrained=null", f"--model.gradient_checkpointing={str(checkpointing).lower()}"]
-    args += ["--trainer.logger=false"] + ([f"--model.family={family}"] if family else [])
+    args += [f"--model.family={family}"] if family else []  # (the CLI's trainer and logger are never used)
     if device == "cpu":
         args += ["--trainer.accelerator=cpu"]
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it also sees our own options
