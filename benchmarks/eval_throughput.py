@@ -18,11 +18,13 @@ can flip an argmax between batch shapes, so there the id check reports the fract
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 
 import torch
+from transformers import LogitsProcessorList, MinNewTokensLengthLogitsProcessor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -103,8 +105,15 @@ def run(model, tokenizer, eos, encoder, samples, batch_size, max_new_tokens, dev
         batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+        # No early end of turn: the end-of-turn token is masked until max_new_tokens (generation's
+        # GREEDY settings reset min_new_tokens, so a logits processor does it).
+        prompt_len = batch["input_ids"].shape[1]
+        eos_id = tokenizer.convert_tokens_to_ids(eos)
+        no_eos = MinNewTokensLengthLogitsProcessor(prompt_len, max_new_tokens, eos_id, device=device)
         with torch.no_grad():
-            out = generate_ids(model, tokenizer, eos, batch, max_new_tokens, min_new_tokens=max_new_tokens)
+            out = generate_ids(
+                model, tokenizer, eos, batch, max_new_tokens, logits_processor=LogitsProcessorList([no_eos])
+            )
         outputs += out[:, batch["input_ids"].shape[1] :].tolist()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -119,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.model == "llava7b":
@@ -143,6 +153,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"batch 1:  {len(samples) / t1:8.2f} samples/s  ({t1:.2f} s)")
     print(f"batch {args.batch_size}: {len(samples) / tb:8.2f} samples/s  ({tb:.2f} s)")
     print(f"speed-up: {t1 / tb:.2f}x   identical answers: {same}/{len(samples)}")
+    if args.json:
+        figures = {
+            "model": args.model,
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
+            "dtype": str(next(model.parameters()).dtype),
+            "samples": len(samples),
+            "batch_size": args.batch_size,
+            "max_new_tokens": args.max_new_tokens,
+            "seconds_batch_1": t1,
+            "seconds_batched": tb,
+            "speedup": t1 / tb,
+            "identical": same,
+            "command": "python benchmarks/eval_throughput.py " + " ".join(sys.argv[1:]),
+        }
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
     return 0 if same == len(samples) or args.model == "llava7b" else 1
 
 

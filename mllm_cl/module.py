@@ -115,14 +115,7 @@ class MLLMModule(L.LightningModule):
         if self.model is not None:  # idempotent: Lightning may call it more than once
             return
         hp = self.hparams
-        if hp.pretrained:
-            self.model = self.family.load(
-                hp.pretrained, _DTYPES[hp.dtype], hp.attn_implementation, hp.trust_remote_code
-            )
-        else:
-            self.model, _ = self.family.build_tiny(hp.tiny, hp.tiny_seed)
-            if hp.attn_implementation:
-                self.model.set_attn_implementation(hp.attn_implementation)
+        self.model = self.build_model()
         for strategy in self.all_strategies:
             strategy.setup(self)
         if hp.gradient_checkpointing:
@@ -131,6 +124,22 @@ class MLLMModule(L.LightningModule):
         self.param_counts = self.count_parameters()
         shard_model(self)  # compile, then FSDP2 under ModelParallelStrategy (after freezing)
         self._print_counts()
+
+    def build_model(self):
+        """The HF model before recipes and sharding: `pretrained`'s weights, else a tiny random model.
+
+        A subclass overrides it to build another model through the same path
+        (benchmarks/gpu_fit_throughput.py: a 7B-shaped model with random weights).
+        """
+        hp = self.hparams
+        if hp.pretrained:
+            return self.family.load(
+                hp.pretrained, _DTYPES[hp.dtype], hp.attn_implementation, hp.trust_remote_code
+            )
+        model, _ = self.family.build_tiny(hp.tiny, hp.tiny_seed)
+        if hp.attn_implementation:
+            model.set_attn_implementation(hp.attn_implementation)
+        return model
 
     def canonical_names(self) -> dict[str, str]:
         """Real parameter name -> canonical ``component.name`` (see `mllm_cl.families`)."""
