@@ -71,7 +71,7 @@ class MllmCLI(LightningCLI):
     def before_instantiate_classes(self):
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         logger = config.get("trainer", {}).get("logger") if config else None
-        if logger is not None and str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
+        if hasattr(logger, "get") and str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
             args = logger["init_args"]
             args["default_hp_metric"] = False  # the hparams get the real final measures instead
             if args.get("name") == DEFAULT_RUN_NAME:  # not named by the user: name it by its method

@@ -66,3 +66,13 @@ def test_a_fit_prints_no_notice_a_user_cannot_act_on(tmp_path):
         "LeafSpec",
     ):
         assert notice not in text, notice
+
+
+def test_no_logger_parses(tmp_path):
+    from mllm_cl.cli import MllmCLI
+    from mllm_cl.data.stream import TaskStream
+    from mllm_cl.module import MLLMModule
+
+    config = str(ROOT / "configs" / "tiny_llava_test.yaml")
+    cli = MllmCLI(MLLMModule, TaskStream, args=["--config", config, "--trainer.logger=false"], run=False)
+    assert cli.trainer.logger is None
