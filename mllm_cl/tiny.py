@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 # Words of the chat templates and of generic prompts; the synthetic generator adds its own.
@@ -75,8 +75,6 @@ def build_tokenizer(
     vocab = {tok: i for i, tok in enumerate(specials.tokens)}
     for word in _vocabulary(extra_words):
         vocab.setdefault(word, len(vocab))
-    from tokenizers import normalizers
-
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials.named["unk_token"]))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()

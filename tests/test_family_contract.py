@@ -7,7 +7,7 @@
 4. go through a tiny build -> training steps (real MLLMModule + Lightning Trainer) -> greedy
    generation -> export -> `from_pretrained` round trip with equal logits.
 
-A new family file is covered by adding it to `FAMILIES`; only `REAL_LAYOUT` below needs its row.
+A new family is covered once it is in `FAMILIES` and has its rows in `REAL_LAYOUT` and `HAND_PROMPT` below.
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import torch
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+    LlavaOnevisionImageProcessorPil,  # the PIL backend: tiny models need no torchvision
+)
 
 from mllm_cl.families.base import Family, ImageOnlyProcessorMixin
 from mllm_cl.families.chat import ChatFormat
@@ -109,10 +112,6 @@ class LlavaOnevisionFamily(Family):
         return [[s * h, s * w] for h in (1, 2) for w in (1, 2)]
 
     def tiny_image_processor(self, size):
-        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-            LlavaOnevisionImageProcessorPil,  # the PIL backend: no torchvision on CPU
-        )
-
         s = size.image_size
         return LlavaOnevisionImageProcessorPil(
             size={"height": s, "width": s}, image_grid_pinpoints=self._pinpoints(size)

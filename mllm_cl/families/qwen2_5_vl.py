@@ -12,6 +12,7 @@ Processor quirks: the stock processor cannot be built without a video processor 
 from __future__ import annotations
 
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+from transformers.image_utils import SizeDict
 
 from mllm_cl.families.base import Family, ImageOnlyProcessorMixin
 from mllm_cl.families.chat import ChatFormat
@@ -78,8 +79,6 @@ class Qwen25VLFamily(Family):
     def configure_processor(self, processor):
         # The image processor's size bounds are min_pixels (shortest_edge) and max_pixels
         # (longest_edge); set them there rather than as call-time kwargs (deprecated in transformers 5).
-        from transformers.image_utils import SizeDict
-
         kw, ip = self.processor_kwargs, processor.image_processor
         if kw:
             low = kw.get("min_pixels", ip.size["shortest_edge"])
