@@ -89,12 +89,15 @@ def peak_rss_mb() -> float:
 
 
 class WorkerUSS:
-    """Polls the USS (private pages) of this process's children: the dataloader workers."""
+    """Polls the USS (private pages) of this process's children, the dataloader workers, and the
+    private dirty part of it: USS also counts clean pages of a memory-mapped file that only this
+    worker has touched (page cache, shared as soon as another process maps them, dropped by the
+    kernel under pressure), private dirty is memory only this worker can ever use."""
 
     def __init__(self):
         import psutil  # noqa: PLC0415
 
-        self.me, self.peak, self.stop = psutil.Process(), {}, threading.Event()
+        self.me, self.peak, self.dirty, self.stop = psutil.Process(), {}, {}, threading.Event()
         self.thread = threading.Thread(target=self.poll, daemon=True)
 
     def poll(self):
@@ -102,9 +105,12 @@ class WorkerUSS:
             for child in self.me.children():
                 try:
                     uss = child.memory_full_info().uss / 2**20
+                    with open(f"/proc/{child.pid}/smaps_rollup") as fh:
+                        dirty = sum(int(line.split()[1]) for line in fh if line.startswith("Private_Dirty"))
                 except Exception:  # noqa: BLE001  (a worker exiting between listing and reading)
                     continue
                 self.peak[child.pid] = max(self.peak.get(child.pid, 0.0), uss)
+                self.dirty[child.pid] = max(self.dirty.get(child.pid, 0.0), dirty / 1024)
 
     def __enter__(self):
         self.thread.start()
@@ -148,7 +154,7 @@ def child_loader(args) -> dict:
         count = 8 * sum(1 for _ in it)
         rate = count / (time.perf_counter() - t0)
     return {"rate": rate, "epoch": len(table) / rate, "uss": max(uss.peak.values(), default=0.0),
-            "rss": peak_rss_mb()}  # fmt: skip
+            "dirty": max(uss.dirty.values(), default=0.0), "rss": peak_rss_mb()}  # fmt: skip
 
 
 def child_fit(args) -> dict:
@@ -206,6 +212,7 @@ ROWS = [
     ("loader: samples/s (2 workers)", "loader", "rate"),
     ("loader: epoch of N samples (s, extrapolated)", "loader", "epoch"),
     ("loader: peak worker USS (MB)", "loader", "uss"),
+    ("  of which private dirty (MB)", "loader", "dirty"),
     ("loader: main RSS (MB)", "loader", "rss"),
     ("hybrid fit r 0.5, first run: first step (s)", "fit_cold", "first_step"),
     ("hybrid fit, first run: whole fit (s)", "fit_cold", "total"),

@@ -22,18 +22,25 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 
 
 def conversation_to_messages(turns: list, where: str) -> list[dict]:
-    """LLaVA `conversations` ([{"from": "human", "value": ...}, ...]) -> chat messages."""
+    """LLaVA `conversations` ([{"from": "human", "value": ...}, ...]) -> chat messages.
+
+    Runs once per record when a 665k-record file is converted, hence the plain loop."""
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: 'conversations' must be a non-empty list of turns")
-    messages = []
+    messages, answered = [], False
     for turn in turns:
-        role = (
-            ROLES.get(str(turn.get("from", turn.get("role", ""))).lower()) if isinstance(turn, dict) else None
-        )
+        role = None
+        if isinstance(turn, dict):
+            who = turn["from"] if "from" in turn else turn.get("role", "")
+            # Exact first ("human" / "gpt" as LLaVA writes them), then any casing.
+            role = ROLES.get(who if type(who) is str else "") or ROLES.get(str(who).lower())
         if role is None:
             raise DataError(f"{where}: each turn needs 'from' (human/gpt) and 'value'; got {str(turn)[:80]}")
-        messages.append({"role": role, "content": str(turn.get("value", turn.get("content", "")))})
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        value = turn["value"] if "value" in turn else turn.get("content", "")
+        content = value if type(value) is str else str(value)
+        messages.append({"role": role, "content": content})
+        answered = answered or (role == "assistant" and not content.isspace() and content != "")
+    if not answered:
         raise DataError(f"{where}: conversation has no answer (no non-empty 'gpt' turn); add one or drop it")
     return messages
 
