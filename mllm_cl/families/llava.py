@@ -11,7 +11,7 @@ template, meant for inference, closes it with a space).
 
 from __future__ import annotations
 
-from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from mllm_cl.families.base import Family
 from mllm_cl.families.chat import ChatFormat
@@ -56,9 +56,8 @@ class LlavaFamily(Family):
         }
 
     def tiny_image_processor(self, size):
-        from transformers import CLIPImageProcessor  # deferred: warns about torchvision when touched
-
-        return CLIPImageProcessor(
+        # The PIL backend by name: the default class looks for torchvision (absent on CPU) and warns.
+        return CLIPImageProcessorPil(
             size={"shortest_edge": size.image_size},
             crop_size={"height": size.image_size, "width": size.image_size},
             do_center_crop=True,

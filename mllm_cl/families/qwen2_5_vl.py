@@ -11,7 +11,12 @@ Processor quirks: the stock processor cannot be built without a video processor 
 
 from __future__ import annotations
 
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessorPil,
+)
 from transformers.image_utils import SizeDict
 
 from mllm_cl.families.base import Family, ImageOnlyProcessorMixin
@@ -66,10 +71,9 @@ class Qwen25VLFamily(Family):
         }
 
     def tiny_image_processor(self, size):
-        from transformers import Qwen2VLImageProcessor  # deferred: warns about torchvision when touched
-
         pixels = size.image_size * size.image_size
-        return Qwen2VLImageProcessor(
+        # The PIL backend by name: the default class looks for torchvision (absent on CPU) and warns.
+        return Qwen2VLImageProcessorPil(
             patch_size=size.patch_size // 2,
             merge_size=2,
             temporal_patch_size=2,
