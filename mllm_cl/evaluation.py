@@ -27,7 +27,7 @@ import torch
 
 from mllm_cl.data.collate import Encoder
 from mllm_cl.data.meta import eval_meta
-from mllm_cl.errors import ConfigError
+from mllm_cl.errors import ConfigError, DataError
 from mllm_cl.metrics import build_metric
 from mllm_cl.results import atomic_write
 
@@ -230,6 +230,34 @@ def evaluate(module, columns: Sequence[EvalColumn], loaders: Callable[[int], Ite
                 scorer.add(module, to_device(batch, module.device))
             out[column.name] = scorer.result()
     return out
+
+
+def outside_columns(sets: Sequence, limit: int | None = None) -> list[EvalColumn]:
+    """Columns of eval sets scored outside the accuracy matrix (WiSE-FT's validation sets): each an
+    `EvalSet`-like object (name, data, metric settings, domains), cut to its first `limit` samples."""
+    columns = []
+    for s in sets:
+        table = s.data.load()
+        if len(table) == 0:
+            raise DataError(f"eval set {s.name!r}: {s.data.describe()} has no samples")
+        table = [table[i] for i in range(min(len(table), limit or len(table)))]
+        column = resolve_column(s.name, s.data, s, table, (s.image_domain, s.text_domain))
+        column.check()
+        columns.append(column)
+    return columns
+
+
+def evaluate_outside(module, columns: Sequence[EvalColumn], batch_size: int) -> dict[str, ColumnResult]:
+    """Score columns whose samples live outside the stream's loaders (`prompt_batches`).
+
+    Every rank scores every sample (same batches, so generation stays in step across ranks); the
+    synced metric is then the single-process mean.
+    """
+    return evaluate(
+        module,
+        columns,
+        lambda i: prompt_batches(module, columns[i].table, columns[i].eval_batch_size or batch_size),
+    )
 
 
 def eval_domains(columns: Sequence[EvalColumn]) -> dict[str, dict[str, str]]:

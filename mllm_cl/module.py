@@ -222,6 +222,8 @@ class MLLMModule(L.LightningModule):
         print_length_summary(self, task)
         for strategy in self.all_strategies:
             strategy.on_task_end(self, task)
+        for strategy in self.all_strategies:
+            strategy.before_evaluation(self, task)  # e.g. WiSE-FT's merge: the row scores its result
         self._evaluate_row(self.stream.tasks[task].name)
 
     def _evaluate_row(self, label: str):

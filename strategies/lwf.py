@@ -31,12 +31,7 @@ import torch.nn.functional as F
 
 from mllm_cl.data.collate import BOOKKEEPING_KEYS
 from mllm_cl.errors import ConfigError
-from strategies.base import Strategy
-
-
-def trainable_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Detached copies of the trainable parameters (under FSDP2 each copy stays a local shard)."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+from strategies.base import Strategy, trainable_snapshot
 
 
 @torch.no_grad()
