@@ -194,3 +194,51 @@ def test_log_spaced_steps_and_the_legacy_single_probe_set():
     assert list(one.sets) == ["default"] and one.max_new_tokens == 256 and one.ordinals is False
     with pytest.raises(ConfigError, match="probe_sets"):
         CountingBiasProbe()
+
+
+def test_probe_subcommand_over_saved_checkpoints(tmp_path, capsys):
+    from mllm_cl.data import Synthetic
+    from strategies.freeze import SAProj
+    from tests.helpers import fit_cli, write_config
+
+    shape = {"class_path": "Synthetic", "init_args": {"skill": "shape", "n": 4, "seed": 5, "image_size": 32}}
+    count = {"class_path": "Synthetic", "init_args": {"skill": "count", "n": 8, "seed": 1, "image_size": 32}}
+    model = {"family": "llava", "tiny": "tiny", "recipe": {"class_path": "SAProj"}, "lr": 1e-2}
+    data = {
+        "batch_size": 4,
+        "eval_limit": 2,
+        "tasks": [{"name": "count", "train": count, "steps": 3}],
+        "heldout": [{"name": "shape", "data": shape}],
+    }
+    run_dir, _ = fit_cli(tmp_path, "run", model, data)
+    config, ckpt, out = (
+        write_config(tmp_path, "run", model, data),
+        run_dir / "checkpoints" / "last.ckpt",
+        tmp_path / "p.jsonl",
+    )
+    args = ["probe", "--config", str(config), "--base", "--ckpt_path", str(ckpt), "--sets", "shape"]
+    with pytest.raises(SystemExit) as done:
+        main([*args, "--limit", "2", "--max_new_tokens", "3", "--out", str(out)])
+    assert done.value.code == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["checkpoint"] for r in records] == ["base", str(ckpt)] and all(
+        set(r["sets"]) == {"shape"} for r in records
+    )
+
+    # The same numbers by hand: the tiny model of the config, with and without the checkpoint's weights.
+    samples = Synthetic("shape", n=4, seed=5, image_size=32).load()
+    samples = [samples[i] for i in range(2)]
+    module = MLLMModule(family="llava", tiny="tiny", recipe=SAProj())
+    module.configure_model()
+    base = probe(module, samples, max_new_tokens=3)
+    module.load_state_dict(torch.load(ckpt, weights_only=True)["state_dict"], strict=False)
+    trained = probe(module, samples, max_new_tokens=3)
+    for record, want in zip(records, (base, trained), strict=True):
+        for key in ("number_mass", "max_number_prob", "max_number_logit"):
+            assert record["sets"]["shape"][key] == pytest.approx(want[key], rel=1e-5), key
+    assert records[0]["sets"]["shape"]["max_number_logit"] != records[1]["sets"]["shape"]["max_number_logit"]
+
+    with pytest.raises(SystemExit) as bad:
+        main(["probe", "--config", str(config), "--base", "--sets", "nope"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (progress bars of the data cache above it)
+    assert bad.value.code == 2 and err.startswith("error: probe --sets") and "nope" in err and "shape" in err
