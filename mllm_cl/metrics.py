@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import torch
 import torchmetrics
 
+from mllm_cl.diagnostics import ClassnameMisChoice
+
 _UNITS = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty"
 _TENS_WORDS = "thirty forty fifty sixty seventy eighty ninety"
 _NUMBER_WORDS = dict(zip(_UNITS.split(), range(21), strict=True))
@@ -339,6 +341,7 @@ _METRICS: dict[str, type[AnswerMetric]] = {
     "integer": IntegerMatch,
     "time": TimeMatch,
     "emt": EMTClassification,
+    "classname_mischoice": ClassnameMisChoice,  # Li et al.'s diagnostic (mllm_cl/diagnostics.py)
 }
 
 

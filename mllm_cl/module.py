@@ -15,7 +15,7 @@ import os
 import lightning as L
 import torch
 
-from mllm_cl import checkpointing, evaluation, generation
+from mllm_cl import checkpointing, curve, evaluation, generation
 from mllm_cl.data.collate import BOOKKEEPING_KEYS
 from mllm_cl.families import get_family
 from mllm_cl.guards import (
@@ -59,6 +59,8 @@ class MLLMModule(L.LightningModule):
         compile: `torch.compile` each transformer block (see `mllm_cl.sharding`).
         nonfinite_loss: on a NaN / inf loss, "stop" with an error naming task and step, or "skip"
             the batch (counted in train/nonfinite_skipped).
+        eval_every_n_steps: also score every eval set every N optimizer steps inside a task, logged
+            as `curve/<set>` and `curve.jsonl` (rows stay one per task; see `mllm_cl.curve`).
     """
 
     def __init__(
@@ -81,10 +83,14 @@ class MLLMModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         nonfinite_loss: str = "stop",
         compile: bool = False,
+        eval_every_n_steps: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["recipe", "strategies"])
         check_policy(nonfinite_loss)
+        if eval_every_n_steps is not None and eval_every_n_steps < 1:
+            raise ValueError(f"model.eval_every_n_steps={eval_every_n_steps}; use a positive integer or null")
+        self._curve_step = -1
         check_attn_implementation(attn_implementation)
         if dtype not in _DTYPES:
             raise ValueError(f"model.dtype={dtype!r}; use one of {sorted(_DTYPES)}")
@@ -214,6 +220,10 @@ class MLLMModule(L.LightningModule):
         for strategy in self.all_strategies:
             strategy.on_task_start(self, task)
         self.task_started = task
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if curve.due(self, self.hparams.eval_every_n_steps, batch_idx):
+            curve.evaluate_step(self)  # a point of the in-task learning curve (not a matrix row)
 
     def on_train_epoch_end(self):
         task = self.current_epoch
