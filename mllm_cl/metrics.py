@@ -322,6 +322,12 @@ class EMTClassification(AnswerMetric):
         self._accumulate([self.score(p, r, ls) for p, r, ls in samples])
         self.unmatched += sum(self.match_label(p, ls) is None for p, _, ls in samples)
 
+    def compute_parts(self) -> dict[str, torch.Tensor]:
+        """Accuracy and the share of unmatched answers (EMT's hallucinations), synced across processes."""
+        with self.sync_context():
+            total = self.total.clamp(min=1)
+            return {"accuracy": self.correct / total, "unmatched": self.unmatched / total}
+
 
 def _phrase_spans(text: str, phrase: str) -> list[tuple[int, int]]:
     # Normalised text is space-separated, so whole words are bounded by spaces or the ends.

@@ -239,7 +239,7 @@ class MLLMModule(L.LightningModule):
     def _evaluate_row(self, label: str):
         results = self.evaluate_all()
         accuracies = {name: r.value for name, r in results.items()}
-        self.results.add_row(label, accuracies)
+        self.results.add_row(label, accuracies, {n: r.parts for n, r in results.items() if r.parts})
         row = len(self.results.rows) - 1
         if self.logger is not None:
             metrics = {

@@ -177,6 +177,7 @@ def compare(run_dirs: list[str], names: list[str] | None = None) -> str:
                 "\n".join(f"- {quadrant_name(*q)}: {', '.join(c) or DASH}" for q, c in members.items())
             )
         parts += heldout_curves_markdown(name, res)
+        parts += emt_markdown(name, res, run_dir)
         parts += probe_markdown(name, res, read_probe(run_dir))
     return "\n\n".join(parts) + "\n"
 
@@ -202,6 +203,31 @@ def heldout_curves_markdown(name: str, res: StreamResults) -> list[str]:
         )
     header = ["held-out set", "base", "lowest", "final", "max drop", "recovered"]
     return [f"### {name}: held-out sets", _table(header, body)]
+
+
+def emt_markdown(name: str, res: StreamResults, run_dir: str) -> list[str]:
+    """EMT: CLIP zero-shot (``emt_baseline.json``, `mllm_cl.emt.CLIPBaseline`) beside the MLLM's accuracy
+    and unmatched (hallucination) rate, before training and after the last task."""
+    path = os.path.join(_folder(run_dir), "emt_baseline.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as fh:
+        clip = json.load(fh)["sets"]
+    parts = res.parts or [{}]
+
+    def unmatched(row: int, col: str) -> str:
+        value = (parts[row] if row < len(parts) else {}).get(col, {}).get("unmatched")
+        return DASH if value is None else fmt_pp(value)
+
+    body = []
+    for col, scores in clip.items():
+        j = res.columns.index(col) if col in res.columns else None
+        mllm = [fmt_pp(res.rows[i][j]) if j is not None else DASH for i in (0, -1)]
+        body.append(
+            [col, fmt_pp(scores["accuracy"]), *mllm, unmatched(0, col), unmatched(len(parts) - 1, col)]
+        )
+    header = ["set", "CLIP zero-shot", "MLLM before", "MLLM final", "unmatched before", "unmatched final"]
+    return [f"### {name}: EMT, the MLLM vs its vision encoder", _table(header, body)]
 
 
 def probe_markdown(name: str, res: StreamResults, records: Sequence[dict]) -> list[str]:

@@ -56,14 +56,16 @@ class StreamResults:
     rows: list[list[float]] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     domains: dict = field(default_factory=dict)  # {column: {"image": "id"|"ood", "text": ...}} (2x2 report)
+    parts: list[dict] = field(default_factory=list)  # per row: {column: the metric's parts}, e.g. unmatched
 
     @property
     def columns(self) -> list[str]:
         return self.tasks + self.heldout
 
-    def add_row(self, label: str, accuracies: dict[str, float]) -> None:
+    def add_row(self, label: str, accuracies: dict[str, float], parts: dict | None = None) -> None:
         self.rows.append([float(accuracies.get(c, math.nan)) for c in self.columns])
         self.labels.append(label)
+        self.parts.append(dict(parts or {}))
 
     def summary(self) -> dict[str, float]:
         return summarize(self.rows, len(self.tasks)) if self.rows else {}
@@ -78,6 +80,7 @@ class StreamResults:
             "summary": self.summary(),
             "per_row": per_row_summary(self.rows, len(self.tasks)) if self.rows else [],
             **({"domains": self.domains} if self.domains else {}),
+            **({"parts": self.parts} if any(self.parts) else {}),
         }
 
     @classmethod
@@ -88,6 +91,7 @@ class StreamResults:
             [list(r) for r in state["matrix"]],
             list(state["row_labels"]),
             dict(state.get("domains") or {}),
+            [dict(p) for p in state.get("parts") or [{} for _ in state["matrix"]]],
         )
 
     def to_csv(self) -> str:
