@@ -99,6 +99,7 @@ COMMANDS: dict[str, tuple[str | None, str]] = {
     "report": ("mllm_cl.report:main", "compare runs: tables, continual-learning measures, plots, report.md"),
     "export": ("mllm_cl.commands:export_main", "write a trained run as a Hugging Face checkpoint"),
     "cache": ("mllm_cl.commands:cache_main", "pre-build the processed-data caches of a fit config"),
+    "probe": ("mllm_cl.probe_command:main", "counting-bias probe (number-token mass) over saved checkpoints"),
 }
 
 

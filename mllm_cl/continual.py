@@ -5,6 +5,21 @@ training task ``i`` (1-based). Columns ``0..T-1`` are the tasks' own eval sets (
 ``j`` belongs to task ``j``, 0-based); the remaining columns are held-out eval sets.
 NaN marks "not evaluated" and is skipped by every mean. A matrix with fewer than
 ``T + 1`` rows (a run in progress) is summarised over the tasks trained so far.
+
+Definitions (T = rows - 1 tasks trained, task j learned at row j + 1, H = held-out columns):
+
+* forgetting (Chaudhry et al. 2018, "Riemannian Walk", Eq. 5): f_j = max_{j+1 <= l <= T-1} R[l, j]
+  - R[T, j] for j < T-1: the best accuracy *after* task j was learned minus the final one (the base
+  row and the rows before task j do not count); ``forgetting`` is its mean over j.
+* BWT / FWT (Lopez-Paz & Ranzato 2017, as Avalanche): mean_j R[T, j] - R[j+1, j];
+  mean_{j>=1} R[j, j] - R[0, j].
+* held-out change (Zhu et al. 2025): Δ_i = mean_h R[i, h] - R[0, h]. ``heldout_change`` is Δ_T
+  (final row), ``heldout_change_avg`` the stage average (1/T) Σ_{i=1..T} Δ_i, ``heldout_change_sum``
+  the sum Σ_{i=1..T} Δ_i (area under the held-out change curve).
+* per held-out set h (Zhu et al.'s forgetting-then-recovery): ``heldout_max_drop/<h>`` =
+  R[0, h] - min_{1<=i<=T} R[i, h] (negative: never below the base) and ``heldout_recovery/<h>`` =
+  R[T, h] - min_{1<=i<=T} R[i, h] (how much came back by the end, >= 0); their means over h are
+  ``heldout_max_drop`` and ``heldout_recovery``.
 """
 
 from __future__ import annotations
@@ -26,6 +41,11 @@ def _nanmean(values: Iterable[float]) -> float:
 def _nanmax(values: Iterable[float]) -> float:
     kept = [float(v) for v in values if not math.isnan(v)]
     return max(kept) if kept else float("nan")
+
+
+def _nanmin(values: Iterable[float]) -> float:
+    kept = [float(v) for v in values if not math.isnan(v)]
+    return min(kept) if kept else float("nan")
 
 
 def validate_matrix(R: Matrix, num_tasks: int) -> None:
@@ -71,11 +91,14 @@ def summarize(R: Matrix, num_tasks: int) -> dict[str, float]:
 
     With ``T`` the number of trained tasks (``rows - 1``), the keys are
     ``avg_accuracy`` (final accuracy over trained tasks), ``learning`` (gain on each task
-    right after learning it), ``forgetting`` (best earlier minus final accuracy, last task
-    excluded), ``bwt`` (final minus just-learned accuracy, last task excluded), ``fwt``
-    (accuracy on task ``j`` before learning it minus the untrained accuracy, ``j >= 1``),
-    ``heldout_avg`` and ``heldout_change`` (final held-out accuracy and its change since
-    row 0), plus per-column ``learning/<j>``, ``forgetting/<j>`` and ``heldout_change/<h>``.
+    right after learning it), ``forgetting`` (Chaudhry et al.: best accuracy after the task
+    was learned minus the final one, last task excluded), ``bwt`` (final minus just-learned
+    accuracy, last task excluded), ``fwt`` (accuracy on task ``j`` before learning it minus
+    the untrained accuracy, ``j >= 1``), ``heldout_avg`` and ``heldout_change`` (final held-out
+    accuracy and its change since row 0), ``heldout_change_avg`` / ``heldout_change_sum`` (that
+    change averaged / summed over rows 1..T), ``heldout_max_drop`` and ``heldout_recovery``
+    (see the module docstring), plus per-column ``learning/<j>``, ``forgetting/<j>``,
+    ``heldout_change/<h>``, ``heldout_max_drop/<h>`` and ``heldout_recovery/<h>``.
 
     Args:
         R: Accuracy matrix (see module docstring).
@@ -91,11 +114,24 @@ def summarize(R: Matrix, num_tasks: int) -> dict[str, float]:
     T = A.shape[0] - 1
     out: dict[str, float] = {}
     learning = {j: A[j + 1, j] - A[0, j] for j in range(T)}
-    forgetting = {j: _nanmax(A[:T, j]) - A[T, j] for j in range(T - 1)}
-    heldout = {h: A[T, h] - A[0, h] for h in range(num_tasks, A.shape[1])}
-    for name, per_column in (("learning", learning), ("forgetting", forgetting), ("heldout_change", heldout)):
+    forgetting = {j: _nanmax(A[j + 1 : T, j]) - A[T, j] for j in range(T - 1)}
+    cols = range(num_tasks, A.shape[1])
+    heldout = {h: A[T, h] - A[0, h] for h in cols}
+    lowest = {h: _nanmin(A[1:, h]) for h in cols} if T else {}
+    per_set = {
+        "learning": learning,
+        "forgetting": forgetting,
+        "heldout_change": heldout,
+        "heldout_max_drop": {h: A[0, h] - low for h, low in lowest.items()},
+        "heldout_recovery": {h: A[T, h] - low for h, low in lowest.items()},
+    }
+    for name, per_column in per_set.items():
         out[name] = _nanmean(per_column.values())
         out.update({f"{name}/{col}": float(value) for col, value in per_column.items()})
+    stages = [_nanmean(A[i, num_tasks:] - A[0, num_tasks:]) for i in range(1, T + 1)]
+    kept = [d for d in stages if not math.isnan(d)]
+    out["heldout_change_avg"] = sum(kept) / len(kept) if kept else math.nan
+    out["heldout_change_sum"] = sum(kept) if kept else math.nan
     out["avg_accuracy"] = _nanmean(A[T, :T])
     out["heldout_avg"] = _nanmean(A[T, num_tasks:])
     out["bwt"] = _nanmean(A[T, j] - A[j + 1, j] for j in range(T - 1))

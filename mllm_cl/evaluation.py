@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from mllm_cl.data.collate import Encoder
 from mllm_cl.data.meta import eval_meta
 from mllm_cl.data.tables import tokens_view  # a sample without decoding its images
-from mllm_cl.errors import ConfigError
+from mllm_cl.errors import ConfigError, DataError
 from mllm_cl.metrics import build_metric
 from mllm_cl.results import atomic_write, nan_to_none
 
@@ -221,6 +221,34 @@ def _progress(module, batches: Iterable[dict], label: str) -> Iterable[dict]:
     if trainer is None or trainer.progress_bar_callback is None or not trainer.is_global_zero:
         return batches
     return tqdm(batches, desc=label, total=len(batches) if hasattr(batches, "__len__") else None, leave=False)
+
+
+def outside_columns(sets: Sequence, limit: int | None = None) -> list[EvalColumn]:
+    """Columns of eval sets scored outside the accuracy matrix (WiSE-FT's validation sets): each an
+    `EvalSet`-like object (name, data, metric settings, domains), cut to its first `limit` samples."""
+    columns = []
+    for s in sets:
+        table = s.data.load()
+        if len(table) == 0:
+            raise DataError(f"eval set {s.name!r}: {s.data.describe()} has no samples")
+        table = [table[i] for i in range(min(len(table), limit or len(table)))]
+        column = resolve_column(s.name, s.data, s, table, (s.image_domain, s.text_domain))
+        column.check()
+        columns.append(column)
+    return columns
+
+
+def evaluate_outside(module, columns: Sequence[EvalColumn], batch_size: int) -> dict[str, ColumnResult]:
+    """Score columns whose samples live outside the stream's loaders (`prompt_batches`).
+
+    Every rank scores every sample (same batches, so generation stays in step across ranks); the
+    synced metric is then the single-process mean.
+    """
+    return evaluate(
+        module,
+        columns,
+        lambda i: prompt_batches(module, columns[i].table, columns[i].eval_batch_size or batch_size),
+    )
 
 
 def eval_domains(columns: Sequence[EvalColumn]) -> dict[str, dict[str, str]]:

@@ -13,8 +13,11 @@ import re
 import string
 from collections.abc import Sequence
 
+import torch
+
 from mllm_cl.answer_metric import AnswerMetric, Targets
 from mllm_cl.benchmark_metrics import BENCHMARK_METRICS, VQAAccuracy
+from mllm_cl.diagnostics import ClassnameMisChoice
 from mllm_cl.lmmcl_metrics import LMMCL_METRICS
 
 _UNITS = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty"
@@ -274,6 +277,12 @@ class EMTClassification(AnswerMetric):
         # An explicit ``labels`` parameter: callers detect per-sample label support by signature.
         super().update(preds, targets, labels=labels)
 
+    def compute_parts(self) -> dict[str, torch.Tensor]:
+        """Accuracy and the share of unmatched answers (EMT's hallucinations), synced across processes."""
+        with self.sync_context():
+            total = self.total.clamp(min=1)
+            return {"accuracy": self.correct / total, "unmatched": self.unmatched / total}
+
 
 def _phrase_spans(text: str, phrase: str) -> list[tuple[int, int]]:
     # Normalised text is space-separated, so whole words are bounded by spaces or the ends.
@@ -296,6 +305,7 @@ _METRICS: dict[str, type[AnswerMetric]] = {
     # The papers' benchmark rules: held-out sets (lmms-eval) and LMM_CL's target tasks.
     **BENCHMARK_METRICS,
     **LMMCL_METRICS,
+    "classname_mischoice": ClassnameMisChoice,  # Li et al.'s diagnostic (mllm_cl/diagnostics.py)
 }
 
 

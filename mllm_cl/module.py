@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from mllm_cl import board, checkpointing, evaluation, generation
+from mllm_cl import board, checkpointing, curve, evaluation, generation
 from mllm_cl.data.collate import BOOKKEEPING_KEYS
 from mllm_cl.families import get_family
 from mllm_cl.guards import (
@@ -62,6 +62,8 @@ class MLLMModule(L.LightningModule):
         compile: `torch.compile` each transformer block (see `mllm_cl.sharding`).
         nonfinite_loss: on a NaN / inf loss, "stop" with an error naming task and step, or "skip"
             the batch (counted in train/nonfinite_skipped).
+        eval_every_n_steps: also score every eval set every N optimizer steps inside a task, logged
+            as `curve/<set>` and `curve.jsonl` (rows stay one per task; see `mllm_cl.curve`).
     """
 
     def __init__(
@@ -85,10 +87,14 @@ class MLLMModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         nonfinite_loss: str = "stop",
         compile: bool = False,
+        eval_every_n_steps: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["recipe", "strategies"])
         check_policy(nonfinite_loss)
+        if eval_every_n_steps is not None and eval_every_n_steps < 1:
+            raise ValueError(f"model.eval_every_n_steps={eval_every_n_steps}; use a positive integer or null")
+        self._curve_step = -1
         check_attn_implementation(attn_implementation)
         if dtype not in _DTYPES:
             raise ValueError(f"model.dtype={dtype!r}; use one of {sorted(_DTYPES)}")
@@ -230,6 +236,10 @@ class MLLMModule(L.LightningModule):
             strategy.on_task_start(self, task)
         self.task_started = task
 
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if curve.due(self, self.hparams.eval_every_n_steps, batch_idx):
+            curve.evaluate_step(self)  # a point of the in-task learning curve (not a matrix row)
+
     def on_train_epoch_end(self):
         task = self.current_epoch
         if len(self.results.rows) > task + 1:
@@ -237,12 +247,14 @@ class MLLMModule(L.LightningModule):
         print_length_summary(self, task)
         for strategy in self.all_strategies:
             strategy.on_task_end(self, task)
+        for strategy in self.all_strategies:
+            strategy.before_evaluation(self, task)  # e.g. WiSE-FT's merge: the row scores its result
         self._evaluate_row(self.stream.tasks[task].name)
 
     def _evaluate_row(self, label: str):
         results = self.evaluate_all()
         accuracies = {name: r.value for name, r in results.items()}
-        self.results.add_row(label, accuracies)
+        self.results.add_row(label, accuracies, {n: r.parts for n, r in results.items() if r.parts})
         row = len(self.results.rows) - 1
         self._write_predictions(f"{row}_{label}", results)
         if self.tensorboard is not None and self.global_rank_zero():

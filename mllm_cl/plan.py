@@ -74,6 +74,7 @@ def build_meta_model(family, config):
 def count_parameters(family, model, recipe: Recipe) -> dict[str, dict[str, int]]:
     """component -> {"trainable", "total"}, plus "all"; trainable = `recipe.selects(canonical name)`."""
     names = family.canonical_names(model)
+    recipe.resolve(names.values())  # patterns that depend on the model (LastLayers)
     counts = {c: {"trainable": 0, "total": 0} for c in (*COMPONENTS, "all")}
     for real, param in model.named_parameters():
         canonical = names[real]
@@ -242,7 +243,10 @@ def make_recipe(name: str | None, patterns: list[str] | None, exclude: list[str]
         raise ConfigError(
             f"recipe {name!r} unknown; choose one of {recipe_names()} or use --patterns REGEX ..."
         )
-    return getattr(strategies, name)(exclude=exclude) if exclude else getattr(strategies, name)()
+    try:
+        return getattr(strategies, name)(exclude=exclude) if exclude else getattr(strategies, name)()
+    except TypeError as err:  # a recipe with required arguments (LastLayers(n))
+        raise ConfigError(f"recipe {name} needs arguments ({err}); use --patterns REGEX ... instead") from err
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,9 +3,13 @@
 ``python -m mllm_cl report RUN [RUN ...] [--names a b] [--out DIR] [--no-plots]`` reads each run
 directory's ``results.json`` (written by ``fit``), prints a markdown comparison (numbers in percentage
 points, NaN as "–"), every run's accuracy matrix, the 2x2 ID/OOD table when ``results.json`` has a
-``domains`` dict ``{column: {"image": "id"|"ood", "text": "id"|"ood"}}``, and writes ``report.md``
-plus PNG plots to ``--out`` (default: the first run's parent folder / ``report``). ``--examples N``
-adds, per run, up to N answers per eval set that changed between consecutive rows (`mllm_cl.predictions`).
+``domains`` dict ``{column: {"image": "id"|"ood", "text": "id"|"ood"}}``, each held-out set's curve
+(base, lowest, final, max drop, recovered), and, when the run directory has the live probe's
+``probe.jsonl``, the correlation across matrix rows between the probe's number mass and the held-out
+change; it writes ``report.md`` plus PNG plots (heatmaps, held-out curves per run and per set) to
+``--out`` (default: the first run's parent folder / ``report``). The measures are defined in
+`mllm_cl.continual`. ``--examples N`` adds, per run, up to N answers per eval set that changed
+between consecutive rows (`mllm_cl.predictions`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Mapping, Sequence
 
 from mllm_cl.continual import per_row_summary
 from mllm_cl.predictions import format_examples
+from mllm_cl.probe_report import probe_correlation, probe_rows, read_probe
 from mllm_cl.results import StreamResults, load_results
 
 MINUS = "\u2212"
@@ -28,6 +33,9 @@ QUADRANTS = [("id", "id"), ("id", "ood"), ("ood", "id"), ("ood", "ood")]
 COLUMNS = [  # (header, summary key, signed)
     ("Δ learning", "learning", True),
     ("Δ held-out", "heldout_change", True),
+    ("Δ held-out (stage avg)", "heldout_change_avg", True),
+    ("held-out max drop", "heldout_max_drop", True),
+    ("held-out recovered", "heldout_recovery", True),
     ("final avg acc", "avg_accuracy", False),
     ("forgetting", "forgetting", True),
     ("BWT", "bwt", True),
@@ -178,7 +186,79 @@ def compare(run_dirs: list[str], names: list[str] | None = None) -> str:
             parts.append(
                 "\n".join(f"- {quadrant_name(*q)}: {', '.join(c) or DASH}" for q, c in members.items())
             )
+        parts += heldout_curves_markdown(name, res)
+        parts += emt_markdown(name, res, run_dir)
+        parts += probe_markdown(name, res, read_probe(run_dir))
     return "\n\n".join(parts) + "\n"
+
+
+def heldout_curves_markdown(name: str, res: StreamResults) -> list[str]:
+    """Per held-out set: base, lowest after training, final, max drop and recovered (percentage points)."""
+    if not res.heldout or len(res.rows) < 2:
+        return []
+    s = res.summary()
+    body = []
+    for h in res.heldout:
+        j = res.columns.index(h)
+        after = [row[j] for row in res.rows[1:] if not math.isnan(row[j])]
+        body.append(
+            [
+                h,
+                fmt_pp(res.rows[0][j]),
+                fmt_pp(min(after) if after else math.nan),
+                fmt_pp(res.rows[-1][j]),
+                fmt_pp(s.get(f"heldout_max_drop/{j}", math.nan), True),
+                fmt_pp(s.get(f"heldout_recovery/{j}", math.nan), True),
+            ]
+        )
+    header = ["held-out set", "base", "lowest", "final", "max drop", "recovered"]
+    return [f"### {name}: held-out sets", _table(header, body)]
+
+
+def emt_markdown(name: str, res: StreamResults, run_dir: str) -> list[str]:
+    """EMT: CLIP zero-shot (``emt_baseline.json``, `mllm_cl.emt.CLIPBaseline`) beside the MLLM's accuracy
+    and unmatched (hallucination) rate, before training and after the last task."""
+    path = os.path.join(_folder(run_dir), "emt_baseline.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as fh:
+        clip = json.load(fh)["sets"]
+    parts = res.parts or [{}]
+
+    def unmatched(row: int, col: str) -> str:
+        value = (parts[row] if row < len(parts) else {}).get(col, {}).get("unmatched")
+        return DASH if value is None else fmt_pp(value)
+
+    body = []
+    for col, scores in clip.items():
+        j = res.columns.index(col) if col in res.columns else None
+        mllm = [fmt_pp(res.rows[i][j]) if j is not None else DASH for i in (0, -1)]
+        body.append(
+            [col, fmt_pp(scores["accuracy"]), *mllm, unmatched(0, col), unmatched(len(parts) - 1, col)]
+        )
+    header = ["set", "CLIP zero-shot", "MLLM before", "MLLM final", "unmatched before", "unmatched final"]
+    return [f"### {name}: EMT, the MLLM vs its vision encoder", _table(header, body)]
+
+
+def probe_markdown(name: str, res: StreamResults, records: Sequence[dict]) -> list[str]:
+    rows = probe_rows(res, records)
+    if not rows:
+        return []
+    sets = sorted({n for _, _, s in rows for n in s})
+    body = [
+        [label, fmt_pp(change, True), *(f"{s.get(n, math.nan):.4f}" for n in sets)]
+        for label, change, s in rows
+    ]
+    corr = probe_correlation(res, records)
+    lines = "\n".join(
+        f"- {n}: r = {DASH if math.isnan(r) else f'{r:+.2f}'.replace('-', MINUS)} over {k} rows"
+        for n, (r, k) in corr.items()
+    )
+    return [
+        f"### {name}: counting-bias probe vs held-out change",
+        _table(["after", "Δ held-out", *(f"number mass ({n})" for n in sets)], body),
+        "Pearson r across rows, number mass vs Δ held-out:\n" + lines,
+    ]
 
 
 def _safe(name: str) -> str:
@@ -236,13 +316,22 @@ def line_figure(series: Mapping[str, Sequence[float]], labels: Sequence[str], ti
 
 
 def figures(run_dirs: list[str], names: list[str] | None = None) -> dict:
-    """{file stem: matplotlib Figure}: one heatmap per run, held-out and seen-task curves over the stream."""
+    """{file stem: matplotlib Figure}: one heatmap and one per-held-out-set curve plot per run, then the
+    mean held-out and seen-task curves of all runs over the stream."""
     names = _names(run_dirs, names)
     runs = [load_results(_results_path(d)) for d in run_dirs]
     out = {}
     for i, (name, res) in enumerate(zip(names, runs, strict=True)):
         stem = f"heatmap_{_safe(name)}"
         out[stem if stem not in out else f"{stem}_{i}"] = heatmap_figure(res, name)
+    for i, (name, res) in enumerate(zip(names, runs, strict=True)):
+        if res.heldout and res.rows:
+            series = {h: [row[res.columns.index(h)] for row in res.rows] for h in res.heldout}
+            stem = f"heldout_sets_{_safe(name)}"
+            title = f"{name}: each held-out set across the stream"
+            out[stem if stem not in out else f"{stem}_{i}"] = line_figure(
+                series, res.labels, title, "accuracy (%)"
+            )
     per_row = [per_row_summary(r.rows, len(r.tasks)) if r.rows else [] for r in runs]
     labels = max((r.labels for r in runs), key=len, default=[])
     for stem, key, title, ylabel in (

@@ -57,14 +57,16 @@ class StreamResults:
     labels: list[str] = field(default_factory=list)
     domains: dict = field(default_factory=dict)  # {column: {"image": "id"|"ood", "text": ...}} (2x2 report)
     name: str = ""  # the run's display name (its TensorBoard run name), used by `report`
+    parts: list[dict] = field(default_factory=list)  # per row: {column: the metric's parts}, e.g. unmatched
 
     @property
     def columns(self) -> list[str]:
         return self.tasks + self.heldout
 
-    def add_row(self, label: str, accuracies: dict[str, float]) -> None:
+    def add_row(self, label: str, accuracies: dict[str, float], parts: dict | None = None) -> None:
         self.rows.append([float(accuracies.get(c, math.nan)) for c in self.columns])
         self.labels.append(label)
+        self.parts.append(dict(parts or {}))
 
     def summary(self) -> dict[str, float]:
         return summarize(self.rows, len(self.tasks)) if self.rows else {}
@@ -80,6 +82,7 @@ class StreamResults:
             "per_row": per_row_summary(self.rows, len(self.tasks)) if self.rows else [],
             **({"domains": self.domains} if self.domains else {}),
             **({"name": self.name} if self.name else {}),
+            **({"parts": self.parts} if any(self.parts) else {}),
         }
 
     @classmethod
@@ -91,6 +94,7 @@ class StreamResults:
             list(state["row_labels"]),
             dict(state.get("domains") or {}),
             str(state.get("name") or ""),
+            [dict(p) for p in state.get("parts") or [{} for _ in state["matrix"]]],
         )
 
     def to_csv(self) -> str:

@@ -5,7 +5,22 @@ say ``class_path: strategies.freeze.SAProj`` or just ``class_path: SAProj``.
 """
 
 from strategies.base import Strategy
-from strategies.freeze import LLM, MLP, Full, MLPGateUp, Patterns, Projector, Recipe, SAProj, VisionEncoder
+from strategies.freeze import (
+    LLM,
+    MLP,
+    SAQKV,
+    SAVO,
+    Full,
+    LastLayers,
+    MLPDown,
+    MLPGateUp,
+    Patterns,
+    Projector,
+    Recipe,
+    SAProj,
+    SAProjGateUp,
+    VisionEncoder,
+)
 from strategies.hybrid import DataHybrid
 from strategies.l2_anchor import L2Anchor
 from strategies.lora import LoRA
@@ -23,6 +38,11 @@ __all__ = [
     "SAProj",
     "MLP",
     "MLPGateUp",
+    "SAQKV",
+    "SAVO",
+    "MLPDown",
+    "SAProjGateUp",
+    "LastLayers",
     "Patterns",
     "LwF",
     "DataHybrid",

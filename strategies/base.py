@@ -6,6 +6,9 @@ Inspired by Avalanche's plugins. The LightningModule calls, in order:
   (freeze parameters, wrap modules, save what is needed);
 - ``on_task_start(module, task)`` / ``on_task_end(module, task)`` around each task of the stream
   (``on_task_end`` runs before the post-task evaluation);
+- ``before_evaluation(module, task)`` after every strategy's ``on_task_end``, right before the task's
+  accuracy-matrix row is evaluated: the place to change the weights the row scores (WiSE-FT's merge)
+  and to evaluate options first (``module.evaluate_all()``, WiSE-FT's α grid);
 - ``train_data(module, task, table)`` when a task's train loader is built: return the samples to
   train on (default: `table` unchanged; data-hybrid and replay mix other samples in);
 - ``loss(module, batch, outputs)`` every training step: an extra loss term added to the CE, or None
@@ -20,8 +23,17 @@ from collections.abc import Sequence
 import torch
 
 
+def trainable_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of the trainable parameters (under FSDP2 each copy stays a local DTensor shard)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 class Strategy:
     """A continual-learning method. Subclass it and override the hooks you need."""
+
+    # True when the trainable tensors are not the model's weights but a reparametrisation of them (LoRA's
+    # A and B): weight-space methods (WiSE-FT) must not interpolate them.
+    reparametrizes_weights: bool = False
 
     def setup(self, module) -> None:
         """Called once after the model is built, before sharding."""
@@ -31,6 +43,9 @@ class Strategy:
 
     def on_task_end(self, module, task: int) -> None:
         """Called after the last step of task `task`, before it is evaluated."""
+
+    def before_evaluation(self, module, task: int) -> None:
+        """Called after every strategy's `on_task_end(task)`, right before the row of task `task` is scored."""
 
     def train_data(self, module, task: int, table: Sequence[dict]) -> Sequence[dict]:
         """The samples task `task` trains on; `table` is the task's own data."""

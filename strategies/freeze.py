@@ -44,8 +44,12 @@ class Recipe(Strategy):
             re.search(p, canonical) for p in self.exclude
         )
 
+    def resolve(self, canonical_names) -> None:
+        """Fix patterns that depend on the model (see `LastLayers`); called before any `selects`."""
+
     def setup(self, module) -> None:
         names = module.canonical_names()
+        self.resolve(names.values())
         trainable = 0
         for real, param in module.model.named_parameters():
             on = self.selects(names[real])
@@ -98,6 +102,55 @@ class MLPGateUp(Recipe):
     """The LLM's MLP gate and up projections; down_proj stays frozen."""
 
     patterns = (_LAYERS + r"mlp\.(gate|up)_proj\.",)
+
+
+# LMM_CL's ablations of the tuned part (Zhu et al. 2025): named so a config says what it trains.
+class SAQKV(Recipe):
+    """The LLM's q, k, v projections; o_proj stays frozen (LMM_CL's "self_attn_proj_wo_o_proj")."""
+
+    patterns = (_LAYERS + r"self_attn\.(q|k|v)_proj\.",)
+
+
+class SAVO(Recipe):
+    """The LLM's v and o projections only."""
+
+    patterns = (_LAYERS + r"self_attn\.(v|o)_proj\.",)
+
+
+class MLPDown(Recipe):
+    """The LLM's MLP down projection only; gate and up stay frozen."""
+
+    patterns = (_LAYERS + r"mlp\.down_proj\.",)
+
+
+class SAProjGateUp(Recipe):
+    """SA Proj (q, k, v, o) and MLP gate and up together; down_proj stays frozen."""
+
+    patterns = (*SAProj.patterns, *MLPGateUp.patterns)
+
+
+class LastLayers(Recipe):
+    """The last `n` decoder layers of the LLM (every parameter in them, or those matching `within`).
+
+    Args:
+        n: how many of the last decoder layers train.
+        within: optional regex for the part of each layer that trains, after ``llm.layers.N.``
+            (e.g. ``self_attn\\.`` or ``mlp\\.(gate|up)_proj\\.``); default: the whole layer.
+    """
+
+    def __init__(self, n: int, within: str | None = None):
+        super().__init__()
+        if n < 1:
+            raise ConfigError(f"LastLayers(n={n}): n must be >= 1")
+        self.n, self.within = n, within or ""
+
+    def resolve(self, canonical_names) -> None:
+        found = {re.match(r"^llm\.layers\.(\d+)\.", c) for c in canonical_names}
+        layers = sorted({int(m.group(1)) for m in found if m})
+        if self.n > len(layers):
+            raise ConfigError(f"LastLayers(n={self.n}): the model has {len(layers)} decoder layers")
+        keep = "|".join(str(i) for i in layers[-self.n :])
+        self.patterns = (rf"^llm\.layers\.({keep})\.{self.within}",)
 
 
 class Patterns(Recipe):

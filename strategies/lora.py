@@ -56,6 +56,8 @@ class LoRA(Strategy):
         seed: seed of the fresh adapters drawn after each merge.
     """
 
+    reparametrizes_weights = True  # the trainable tensors are A and B, not W
+
     def __init__(
         self,
         r: int = 8,

@@ -9,7 +9,12 @@ shift: the logits at position t predict label t+1); defaults λ = 1, T = 2 as in
 No second model is kept: at task start we copy the *trainable* parameters only (frozen ones are the
 same in teacher and student). The teacher pass exchanges those copies with the live values in place,
 runs the model under `torch.no_grad` and exchanges them back, bit for bit, before the backward needs
-the student's weights. In place because FSDP2 gathers each layer from its own shard storage in its
+the student's weights. The teacher pass runs under a nested ``torch.autocast(..., cache_enabled=False)``
+(`uncached_autocast`): autocast caches the low-precision copy of each leaf weight by tensor identity,
+and an in-place exchange keeps that identity, so with the cache on (``torch.autocast``'s default, and
+the FSDP1 precision plugin's) the teacher pass would reuse the student's cached casts and the term
+would be exactly 0 (measured on the tiny LLaVA, SA Proj: 0.0213 in fp32, 0.0 under bf16 autocast).
+In place because FSDP2 gathers each layer from its own shard storage in its
 pre-forward hook: swapping module attributes (`torch.func.functional_call`) is silently undone there
 and the teacher becomes the student (KL 0; tests/test_multiprocess.py). Extra memory = the trainable
 parameters' bytes, plus one parameter during the exchange (see benchmarks/lwf_memory.py). Upstream bugs avoided: the mask is built from the labels the CE uses
@@ -19,17 +24,14 @@ parameters' bytes, plus one parameter during the exchange (see benchmarks/lwf_me
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 from mllm_cl.data.collate import BOOKKEEPING_KEYS
 from mllm_cl.errors import ConfigError
-from strategies.base import Strategy
-
-
-def trainable_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Detached copies of the trainable parameters (under FSDP2 each copy stays a local shard)."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+from strategies.base import Strategy, trainable_snapshot
 
 
 @torch.no_grad()
@@ -44,6 +46,24 @@ def exchange(params: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) ->
         held = live.clone()
         live.copy_(value)
         value.copy_(held)
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+@contextlib.contextmanager
+def uncached_autocast():
+    """Re-enter every active autocast with its weight cache off (a no-op where none is active).
+
+    Autocast keys its cache on the weight tensor; a nested region with ``cache_enabled=False`` neither
+    reads nor writes it, so casts inside see the values the weights hold now.
+    """
+    with contextlib.ExitStack() as stack:
+        for device in _AUTOCAST_DEVICES:
+            if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+                dtype = torch.get_autocast_dtype(device)
+                stack.enter_context(torch.autocast(device, dtype=dtype, cache_enabled=False))
+        yield
 
 
 def answer_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -85,7 +105,7 @@ class LwF(Strategy):
         model.eval()  # the teacher is a fixed function: no dropout, no RNG draws
         exchange(params, self.teacher)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), uncached_autocast():
                 return model(**inputs).logits
         finally:
             exchange(params, self.teacher)

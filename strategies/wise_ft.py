@@ -1,117 +1,232 @@
-"""WiSE-FT: weight-space ensembling of the start-of-task and fine-tuned weights (Wortsman et al. 2022).
+"""WiSE-FT: weight-space ensembling of a reference and the fine-tuned weights (Wortsman et al. 2022).
 
-    θ = (1 − α) · θ_start + α · θ_end      elementwise, over the trainable parameters
+    θ = (1 − α) · θ_ref + α · θ_end      elementwise, over the trainable parameters
 
-Convention of mlfoundations/wise-ft: α = 1 keeps the fine-tuned weights, α = 0 restores the start
-(LMM_CL writes the same merge as θ = α'·θ_prev + (1−α')·θ_ft, i.e. our α = 1 − α'). Applied after
-every task, before the post-task evaluation; the next task starts from the merged weights.
+Convention of mlfoundations/wise-ft: α = 1 keeps the fine-tuned weights, α = 0 restores θ_ref. The
+reference is the start of the task (``reference: task_start``, as LMM_CL) or the weights before the
+first task (``reference: base``, Wortsman et al.'s zero-shot θ₀). Applied after every task, before its
+accuracy-matrix row is scored; the next task starts from the merged weights. **LMM_CL** (Zhu et al.
+2025) merges θ = 0.1·θ_prev + 0.9·θ_ft after each stage (their script; the README says 0.5): that is
+``alpha: 0.9, reference: task_start`` here.
 
-A Lightning callback: its ``on_train_epoch_end`` runs before the module's (lightning 2.6
-`fit_loop.on_advance_end` calls non-monitoring callbacks, then the LightningModule, which
-evaluates, then ModelCheckpoint), so the accuracy-matrix row and the task checkpoint see the merge.
-With an α grid each α is evaluated (`module.evaluate_all()`), logged as ``wise_ft/alpha_<a>/<set>``
-(step = task) and the best by `criterion` is kept. Frozen parameters are never touched; under
-FSDP2 the stored copies are the local DTensor shards (`p.detach().clone()` keeps the sharding).
+Choosing α (`alphas`: a grid, tried in order, best mean accuracy on the selection sets kept, ties
+keep the earlier α): the selection sets are `select_on` (default: every `validation` set). A
+`validation` set is scored only for this choice and never enters the accuracy matrix. Naming a set
+the matrix reports (a task's eval set or a held-out set; or the legacy `criterion` without
+`select_on`) would report numbers chosen on themselves, so it is refused unless
+``allow_select_on_reported: true``.
+
+Records, the accuracy matrix keeping its meaning (rows score the merged model): the pre-merge model
+(θ_end) is scored on every eval set of the stream and written with the chosen α and each α's scores
+to ``wise_ft.json`` in the run directory; TensorBoard gets ``wise_ft/alpha`` and
+``wise_ft/alpha_<a>/<set>`` (step = task) and ``wise_ft/pre_merge/<set>`` (step = matrix row).
+
+Use it under ``model.strategies`` (its `before_evaluation` hook runs right before the row is scored).
+It still works under ``trainer.callbacks`` (older configs): its ``on_train_epoch_end`` runs before the
+module's. LoRA is refused (interpolating A and B scales B·A by about α², not α).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from mllm_cl.data.stream import EvalSet
 from mllm_cl.errors import ConfigError
+from mllm_cl.evaluation import EvalColumn, evaluate_outside, outside_columns
+from mllm_cl.results import atomic_write
+from strategies.base import Strategy, trainable_snapshot
 
 
 def merge_(
-    params: dict[str, torch.Tensor],
-    start: dict[str, torch.Tensor],
-    end: dict[str, torch.Tensor],
-    alpha: float,
+    params: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], end: dict[str, torch.Tensor], alpha
 ):
-    """Write (1 − α)·start + α·end into `params` in place."""
+    """Write (1 − α)·ref + α·end into `params` in place."""
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_((1 - alpha) * start[name] + alpha * end[name])
+            p.copy_((1 - alpha) * ref[name] + alpha * end[name])
 
 
-class WiSEFT(Callback):
-    """Interpolate each task's fine-tuned weights with its start weights.
+class WiSEFT(Strategy, Callback):
+    """Interpolate each task's fine-tuned weights with a reference (see the module docstring).
 
     Args:
-        alpha: weight of the fine-tuned weights (1 = plain fine-tuning, 0 = no change).
-        alphas: a grid of α to evaluate after every task; the best by `criterion` is kept.
-        criterion: "heldout" (mean accuracy over held-out sets) or "avg" (mean over all eval sets).
+        alpha: weight of the fine-tuned weights (1 = plain fine-tuning, 0 = the reference);
+            LMM_CL's merge is alpha 0.9 with reference task_start.
+        alphas: a grid of α tried after every task; the best on the selection sets is kept.
+        criterion: without `select_on`/`validation`: choose on the stream's "heldout" sets or on all
+            eval sets ("avg"). Both are reported sets (needs allow_select_on_reported).
+        select_on: names of the sets whose mean accuracy chooses α (default: every `validation` set).
+        validation: eval sets scored only to choose α, never reported in the accuracy matrix.
+        allow_select_on_reported: allow choosing α on sets the accuracy matrix reports.
+        reference: "task_start" (θ at the task's start) or "base" (θ before the first task).
+        record_pre_merge: score the pre-merge model on every eval set (wise_ft.json).
     """
 
-    def __init__(self, alpha: float = 0.5, alphas: list[float] | None = None, criterion: str = "heldout"):
+    def __init__(
+        self,
+        alpha: float = 0.5,
+        alphas: list[float] | None = None,
+        criterion: str = "heldout",
+        select_on: list[str] | None = None,
+        validation: list[EvalSet] | None = None,
+        allow_select_on_reported: bool = False,
+        reference: str = "task_start",
+        record_pre_merge: bool = True,
+    ):
         grid = list(alphas) if alphas else [alpha]
         if any(not 0 <= a <= 1 for a in grid):
             raise ConfigError(f"WiSEFT: alphas {grid} must lie in [0, 1]")
         if criterion not in ("heldout", "avg"):
             raise ConfigError(f"WiSEFT(criterion={criterion!r}): use 'heldout' or 'avg'")
-        self.alpha, self.alphas, self.criterion = alpha, grid, criterion
-        self.start: dict[str, torch.Tensor] = {}
+        if reference not in ("task_start", "base"):
+            raise ConfigError(f"WiSEFT(reference={reference!r}): use 'task_start' or 'base'")
+        self.alpha, self.alphas, self.criterion, self.reference = alpha, grid, criterion, reference
+        self.validation = list(validation or [])
+        self.select_on = list(select_on) if select_on else [v.name for v in self.validation]
+        self.allow_reported, self.record_pre_merge = allow_select_on_reported, record_pre_merge
+        self.ref: dict[str, torch.Tensor] = {}  # θ_ref of the current task
         self.started, self.merged = -1, -1  # last task whose start was stored / whose end was merged
         self.chosen: list[float] = []  # α kept after each task
+        self.records: list[dict] = []  # per task: α scores and the pre-merge evaluation
+        self._columns: list[EvalColumn] | None = None
 
-    @staticmethod
-    def trainable(pl_module) -> dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in pl_module.model.named_parameters() if p.requires_grad}
+    # ---- Strategy hooks -----------------------------------------------------------------------
+    def setup(self, module, pl_module=None, stage=None) -> None:
+        """`Strategy.setup(module)`, or `Callback.setup(trainer, pl_module, stage)` on the callback path."""
+        self.refuse_lora(module if pl_module is None else pl_module)
 
-    def on_fit_start(self, trainer, pl_module):
-        # With LoRA the trainable tensors are the adapters A and B: interpolating both scales the
-        # update B·A by about α², not α, so the merge would not be WiSE-FT. Refuse it up front.
-        if any(type(s).__name__ == "LoRA" for s in getattr(pl_module, "strategies", [])):
-            raise ConfigError(
-                "WiSEFT cannot be combined with the LoRA strategy (it would interpolate A and B, not the weights); drop one"
-            )
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        task = trainer.current_epoch
-        if self.started == task:
-            return  # resumed inside the task: the start weights come from the checkpoint
-        self.start = {n: p.detach().clone() for n, p in self.trainable(pl_module).items()}
+    def on_task_start(self, module, task: int) -> None:
+        self.selection_keys(module)  # refuse a bad selection before the first step
+        if self.reference == "task_start" or not self.ref:
+            self.ref = trainable_snapshot(module.model)
         self.started = task
 
-    def on_train_epoch_end(self, trainer, pl_module):
-        task = trainer.current_epoch
+    def before_evaluation(self, module, task: int) -> None:
         if self.merged == task:
             return  # resumed after this task's merge
-        params = self.trainable(pl_module)
-        end = {n: p.detach().clone() for n, p in params.items()}
-        best = self.alphas[0] if len(self.alphas) == 1 else self.search(trainer, pl_module, params, end, task)
-        merge_(params, self.start, end, best)
+        params = {n: p for n, p in module.model.named_parameters() if p.requires_grad}
+        end = trainable_snapshot(module.model)
+        record: dict = {"task": task}
+        if self.record_pre_merge:
+            record["pre_merge"] = {k: r.value for k, r in module.evaluate_all().items()}
+        best = self.alphas[0]
+        if len(self.alphas) > 1:
+            best, record["scores"] = self.search(module, params, end, task, record.get("pre_merge"))
+        merge_(params, self.ref, end, best)
+        record["alpha"] = best
         self.chosen.append(best)
+        self.records.append(record)
         self.merged = task
-        if pl_module.logger is not None:
-            pl_module.logger.log_metrics({"wise_ft/alpha": best}, step=task)
+        self.publish(module, record)
 
-    def search(self, trainer, pl_module, params, end, task: int) -> float:
-        heldout = [h.name for h in trainer.datamodule.heldout]
-        if self.criterion == "heldout" and not heldout:
+    # ---- choosing α ---------------------------------------------------------------------------
+    def selection_keys(self, module) -> list[str]:
+        """The set names α is chosen on; refuses unknown names and unallowed reported sets (one line)."""
+        if len(self.alphas) == 1:
+            return []
+        stream = module.trainer.datamodule
+        reported, own = list(stream.eval_names), [v.name for v in self.validation]
+        if clash := sorted(set(own) & set(reported)):
             raise ConfigError(
-                "WiSEFT(criterion='heldout') needs data.heldout sets; add some or use criterion 'avg'"
+                f"WiSEFT.validation names {clash} are also eval sets of the stream; rename them"
             )
-        best, best_score = self.alphas[0], -math.inf
+        keys = self.select_on
+        if not keys and self.criterion == "heldout":
+            keys = [h.name for h in stream.heldout]
+            if not keys:
+                raise ConfigError(
+                    "WiSEFT(criterion='heldout') needs data.heldout sets; add some or use criterion 'avg'"
+                )
+        keys = keys or reported
+        if unknown := [k for k in keys if k not in own and k not in reported]:
+            raise ConfigError(
+                f"WiSEFT.select_on {unknown}: not a validation set {own} nor an eval set {reported}"
+            )
+        if (chosen_on := [k for k in keys if k in reported]) and not self.allow_reported:
+            raise ConfigError(
+                f"WiSEFT would choose α on {chosen_on}, sets the accuracy matrix reports (biased); name "
+                "WiSEFT.validation sets in select_on, or set allow_select_on_reported: true"
+            )
+        return keys
+
+    def search(self, module, params, end, task: int, pre_merge: dict | None) -> tuple[float, dict]:
+        keys = self.selection_keys(module)
+        own = [k for k in keys if k in {v.name for v in self.validation}]
+        best, best_score, scores = self.alphas[0], -math.inf, {}
         for alpha in self.alphas:
-            merge_(params, self.start, end, alpha)
-            results = {k: r.value for k, r in pl_module.evaluate_all().items()}
-            keys = heldout if self.criterion == "heldout" else list(results)
+            merge_(params, self.ref, end, alpha)
+            results = {}
+            if len(own) < len(keys):  # some selection sets are stream columns (allowed explicitly)
+                reuse = alpha == 1 and pre_merge is not None
+                results = dict(pre_merge) if reuse else {k: r.value for k, r in module.evaluate_all().items()}
+            if own:
+                results.update({k: r.value for k, r in self.score_validation(module).items()})
             score = sum(results[k] for k in keys) / len(keys)
-            if pl_module.logger is not None:
-                pl_module.logger.log_metrics(
+            scores[f"{alpha:g}"] = {"score": score, **results}
+            if module.logger is not None:
+                module.logger.log_metrics(
                     {f"wise_ft/alpha_{alpha:g}/{k}": v for k, v in results.items()}, step=task
                 )
             if score > best_score:  # ties keep the earlier α of the grid
                 best, best_score = alpha, score
-        return best
+        return best, scores
 
+    def score_validation(self, module) -> dict:
+        stream = module.trainer.datamodule
+        if self._columns is None:
+            self._columns = outside_columns(self.validation, stream.eval_limit)
+        return evaluate_outside(module, self._columns, stream.eval_batch_size)
+
+    # ---- records ------------------------------------------------------------------------------
+    def publish(self, module, record: dict) -> None:
+        if module.logger is not None:
+            metrics = {"wise_ft/alpha": record["alpha"]}
+            module.logger.log_metrics(metrics, step=record["task"])
+            pre = {f"wise_ft/pre_merge/{k}": v for k, v in record.get("pre_merge", {}).items()}
+            if pre:
+                module.logger.log_metrics(pre, step=record["task"] + 1)
+        if module.global_rank_zero() and module.run_dir:
+            summary = {
+                "convention": "theta = (1 - alpha) * theta_ref + alpha * theta_end",
+                "reference": self.reference,
+                "alphas": self.alphas,
+                "select_on": self.selection_keys(module),
+                "tasks": self.records,
+            }
+            atomic_write(os.path.join(module.run_dir, "wise_ft.json"), json.dumps(summary, indent=2))
+
+    @staticmethod
+    def refuse_lora(module) -> None:
+        if any(s.reparametrizes_weights for s in getattr(module, "strategies", [])):
+            raise ConfigError(
+                "WiSEFT cannot be combined with the LoRA strategy (it would interpolate A and B, not the weights); drop one"
+            )
+
+    # ---- the callback path (WiSEFT under trainer.callbacks) ----------------------------------
+    def on_train_epoch_start(self, trainer, pl_module):
+        if self.started != trainer.current_epoch:  # resumed inside the task: θ_ref comes from the checkpoint
+            self.on_task_start(pl_module, trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.before_evaluation(pl_module, trainer.current_epoch)
+
+    # ---- state (both paths) -------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"start": self.start, "started": self.started, "merged": self.merged, "chosen": self.chosen}
+        return {
+            "ref": self.ref,
+            "started": self.started,
+            "merged": self.merged,
+            "chosen": self.chosen,
+            "records": json.dumps(self.records),
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.start = dict(state.get("start", {}))
+        self.ref = dict(state.get("ref", state.get("start", {})))
         self.started, self.merged = state.get("started", -1), state.get("merged", -1)
         self.chosen = list(state.get("chosen", []))
+        self.records = json.loads(state.get("records", "[]"))

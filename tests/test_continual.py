@@ -48,11 +48,41 @@ def test_summarize_accepts_numpy():
     assert summarize(np.array(R), 3) == pytest.approx(summarize(R, 3))
 
 
-def test_forgetting_takes_best_row_including_before_training():
-    # Task 0 was best before any training (0.9), so forgetting is 0.9 - 0.4, not 0.5 - 0.4.
+def test_forgetting_follows_chaudhry_rows_after_the_task_was_learned():
+    # Chaudhry et al. 2018: f_j = max over rows after task j was learned (l = j+1 .. T-1) - final.
+    # Task 0 was best before any training (0.9), but that row does not count: 0.5 - 0.4, not 0.9 - 0.4.
     s = summarize([[0.9, 0.1], [0.5, 0.2], [0.4, 0.8]], num_tasks=2)
-    assert s["forgetting"] == pytest.approx(0.5)
+    assert s["forgetting"] == pytest.approx(0.1)
     assert s["bwt"] == pytest.approx(-0.1)
+    # 3 tasks: task 1 is learned at row 2; rows 0 and 1 (0.95, 0.99 before learning it) do not count.
+    s = summarize([[0.1, 0.95, 0.0], [0.8, 0.99, 0.0], [0.6, 0.5, 0.1], [0.6, 0.3, 0.9]], num_tasks=3)
+    assert s["forgetting/0"] == pytest.approx(0.8 - 0.6)  # max(rows 1, 2) = 0.8
+    assert s["forgetting/1"] == pytest.approx(0.5 - 0.3)  # max(row 2) = 0.5
+    assert s["forgetting"] == pytest.approx(0.2)
+
+
+def test_heldout_change_over_stages_max_drop_and_recovery():
+    s = summarize(R, 3)  # held-out column 3: 0.50 -> 0.45 -> 0.40 -> 0.55
+    # Δ_i = R[i, 3] - R[0, 3]: -0.05, -0.10, +0.05
+    assert s["heldout_change"] == pytest.approx(0.05)  # final row
+    assert s["heldout_change_avg"] == pytest.approx(-0.10 / 3)
+    assert s["heldout_change_sum"] == pytest.approx(-0.10)
+    assert s["heldout_max_drop/3"] == pytest.approx(0.50 - 0.40)
+    assert s["heldout_recovery/3"] == pytest.approx(0.55 - 0.40)
+
+    # Two held-out sets (columns 2, 3), one NaN cell at the end.
+    m = [[0.5, 0.5, 0.60, 0.30], [0.9, 0.5, 0.30, 0.35], [0.7, 0.9, 0.45, NAN]]
+    s = summarize(m, 2)
+    # Δ_1 = mean(0.30-0.60, 0.35-0.30) = -0.125; Δ_2 = mean(0.45-0.60) = -0.15 (NaN skipped)
+    assert s["heldout_change_avg"] == pytest.approx((-0.125 - 0.15) / 2)
+    assert s["heldout_change_sum"] == pytest.approx(-0.275)
+    assert s["heldout_change"] == pytest.approx(-0.15)
+    assert s["heldout_max_drop/2"] == pytest.approx(0.30)  # 0.60 - min(0.30, 0.45)
+    assert s["heldout_max_drop/3"] == pytest.approx(-0.05)  # never below the base: 0.30 - 0.35
+    assert s["heldout_recovery/2"] == pytest.approx(0.15)  # 0.45 - 0.30
+    assert math.isnan(s["heldout_recovery/3"])
+    assert s["heldout_max_drop"] == pytest.approx(0.125) and s["heldout_recovery"] == pytest.approx(0.15)
+    assert s["forgetting"] == pytest.approx(0.9 - 0.7)
 
 
 def test_summarize_skips_nan():
@@ -100,6 +130,7 @@ def test_summarize_partial_matrix():
 def test_summarize_baseline_only():
     s = summarize(R[:1], num_tasks=3)
     assert math.isnan(s["avg_accuracy"]) and math.isnan(s["learning"])
+    assert math.isnan(s["heldout_change_avg"]) and math.isnan(s["heldout_recovery"])
     assert s["heldout_avg"] == pytest.approx(0.50)
 
 

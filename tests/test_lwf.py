@@ -173,3 +173,73 @@ def test_lambda_zero_trains_exactly_like_plain_and_teacher_restores(tmp_path):
     saved, loaded = zero_module.strategies[0].teacher, fresh.strategies[0].teacher
     assert saved.keys() == loaded.keys() and all(torch.equal(saved[n], loaded[n]) for n in saved)
     assert any(not torch.equal(saved[n], zero[n]) for n in saved)  # teacher = start of task b, not the end
+
+
+def separate_teacher_term(module, teacher_model, batch, outputs, temperature: float = 2.0) -> torch.Tensor:
+    """The LwF term computed with a second model holding the teacher weights (no in-place exchange)."""
+    with torch.no_grad():
+        teacher = teacher_model(**{k: v for k, v in batch.items() if k != "skipped"}).logits
+    labels = batch["labels"]
+    return distillation(answer_logits(outputs.logits, labels), answer_logits(teacher, labels), temperature)
+
+
+def test_lwf_term_under_bf16_autocast_equals_a_separate_teacher():
+    """Autocast caches each weight's bf16 copy by tensor identity; the in-place teacher exchange keeps the
+    identity, so without the fix the teacher pass reused the student's casts and the term was exactly 0."""
+    module = built("llava")
+    lwf = LwF(lam=1.0, temperature=2.0)
+    lwf.on_task_start(module, 0)
+    teacher_model = copy.deepcopy(module.model)
+    nudge(module)
+    batch = real_batch(module)
+    module.model.eval()
+    fp32 = lwf.loss(module, batch, module(batch)).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the default: cache_enabled=True
+        outputs = module(batch)
+        assert outputs.logits.dtype == torch.bfloat16  # autocast really is on
+        ours = lwf.loss(module, batch, outputs)
+        reference = separate_teacher_term(module, teacher_model, batch, outputs)
+    assert reference.item() > 1e-3
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-3)
+    assert ours.item() == pytest.approx(fp32, rel=0.05)  # bf16 rounding only
+    # The student's weights are back after the teacher pass, bit for bit.
+    assert any(not torch.equal(v, module.model.get_parameter(n)) for n, v in lwf.teacher.items())
+    assert all(torch.equal(v, teacher_model.get_parameter(n)) for n, v in lwf.teacher.items())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_lwf_term_under_layerwise_fsdp_precision_on_gpu(tmp_path):
+    """LayerWiseFSDP's bf16-mixed precision plugin autocasts with the weight cache on (unlike AMP's)."""
+    from mllm_cl.sharding import LayerWiseFSDP
+
+    trainer = L.Trainer(
+        accelerator="gpu", devices=1, strategy=LayerWiseFSDP(), precision="bf16-mixed", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=str(tmp_path),
+    )  # fmt: skip
+    module = built("llava").cuda()
+    lwf = LwF(lam=1.0, temperature=2.0)
+    lwf.on_task_start(module, 0)
+    teacher_model = copy.deepcopy(module.model)
+    nudge(module)
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in real_batch(module).items()}
+    module.model.eval()
+    with trainer.precision_plugin.forward_context():
+        assert torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled()
+        outputs = module(batch)
+        ours = lwf.loss(module, batch, outputs)
+        reference = separate_teacher_term(module, teacher_model, batch, outputs)
+    assert reference.item() > 1e-3
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-3)
+
+    # And through a real LayerWiseFSDP bf16 fit: the logged term is not 0 once the weights moved.
+    L.seed_everything(0)
+    fitted = MLLMModule(family="llava", recipe=SAProj(), strategies=[LwF()], lr=1e-2, warmup_ratio=0.0)
+    data = Synthetic("count", n=16, seed=1, image_size=32)
+    stream = TaskStream(tasks=[Task("a", train=data, eval=data, steps=3)], batch_size=4, eval_limit=4)
+    run = L.Trainer(
+        accelerator="gpu", devices=1, strategy=LayerWiseFSDP(), precision="bf16-mixed", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=str(tmp_path / "fit"),
+    )  # fmt: skip
+    run.fit(fitted, datamodule=stream)
+    assert float(run.callback_metrics["train/LwF"]) > 1e-4

@@ -17,12 +17,13 @@ from mllm_cl.module import MLLMModule
 from mllm_cl.probe import is_number_token, number_token_ids, probe
 
 ROOT = Path(__file__).resolve().parent.parent
-# Written out by hand (not imported from mllm_cl.probe) so the test checks the definition.
+# Written out by hand (not imported from mllm_cl.probe) so the test checks the definition (LMM_CL's set).
 WORDS = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred thousand "
-    "million billion first second third fourth fifth sixth seventh eighth ninth tenth"
+    "million billion"
 ).split()
+ORDINALS = "first second third fourth fifth sixth seventh eighth ninth tenth".split()
 
 
 @pytest.mark.parametrize(
@@ -32,13 +33,18 @@ WORDS = (
         ("Ġ42", True),
         ("▁2024", True),
         ("3.5", True),
-        ("Ġ.5", True),
+        ("Ġ.5", False),  # upstream: a decimal starts and ends with a digit
+        ("5.", False),
+        ("3,000", True),  # upstream: one comma between digits
         ("1st", True),
         ("▁22nd", True),
+        ("Ġ1st", True),
         ("Ġtwenty", True),
+        ("ĠTwenty", True),  # upstream misses this one (lower() turns Ġ into ġ); we do not
         ("Hundred", True),
         ("▁billion", True),
-        ("third", True),
+        ("third", False),  # word ordinals: off by default (not in upstream's set)
+        ("Ġfirst", False),
         ("Ġ", False),
         ("▁", False),
         ("Ġ12a", False),
@@ -47,12 +53,18 @@ WORDS = (
         ("twentyone", False),
         ("square", False),
         ("Ġone-", False),
-        ("3,000", False),
+        ("3,000,000", False),
         ("st", False),
     ],
 )
 def test_is_number_token(token, expected):
     assert is_number_token(token) is expected
+
+
+def test_word_ordinals_are_optional():
+    for word in ("third", "Ġfirst", "▁Twentieth"):
+        assert not is_number_token(word) and is_number_token(word, ordinals=True)
+    assert is_number_token("Ġ7", ordinals=True) and not is_number_token("square", ordinals=True)
 
 
 def test_number_tokens_of_tiny_tokenizers(tiny):
@@ -62,6 +74,8 @@ def test_number_tokens_of_tiny_tokenizers(tiny):
     want = {i for w, i in vocab.items() if (w.isdigit() and w.isascii()) or w in WORDS}
     got = number_token_ids(tok)
     assert set(got) == want and len(got) == len(want)
+    ordinal_ids = {vocab[w] for w in ORDINALS if w in vocab}
+    assert set(number_token_ids(tok, ordinals=True)) == want | ordinal_ids
     assert vocab["100"] in got and vocab["twenty"] in got and vocab["square"] not in got
     assert not set(got) & set(tok.all_special_ids)
 
@@ -124,13 +138,15 @@ def test_number_mass_equals_softmax_by_hand():
     assert two["number_mass_std"] == pytest.approx(0.0, abs=1e-6) and 0 < two["number_mass"] < 1
 
 
-def test_monitor_writes_tensorboard_scalars(tmp_path):
+def test_monitor_probes_named_sets_side_by_side_on_a_log_spaced_schedule(tmp_path):
     extra = tmp_path / "probe.yaml"
     extra.write_text(
         "trainer:\n  callbacks:\n    - class_path: mllm_cl.monitor.CountingBiasProbe\n      init_args:\n"
-        "        probe_set: {class_path: Synthetic, init_args: {skill: shape, n: 8, seed: 7, image_size: 32}}\n"
+        "        probe_sets:\n"
+        "          counting: {class_path: Synthetic, init_args: {skill: count, n: 8, seed: 6, image_size: 32}}\n"
+        "          caption: {class_path: Synthetic, init_args: {skill: shape, n: 8, seed: 7, image_size: 32}}\n"
         "        heldout_set: {class_path: Synthetic, init_args: {skill: count, n: 8, seed: 8, image_size: 32}}\n"
-        "        every_n_steps: 3\n        limit: 8\n        max_new_tokens: 3\n"
+        "        every_n_steps: 3\n        log_spaced: true\n        limit: 4\n        max_new_tokens: 3\n"
     )
     main(
         [
@@ -151,10 +167,78 @@ def test_monitor_writes_tensorboard_scalars(tmp_path):
     events = EventAccumulator(str(run))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    for tag in ("probe/number_mass", "probe/max_number_prob", "probe/max_number_logit", "probe/heldout_acc"):
-        assert tag in tags, tag
-    # base (0), every 3 steps (3, 6, 9), task ends (5, 10): 5 steps per task, two tasks.
-    assert sorted(e.step for e in events.Scalars("probe/number_mass")) == [0, 3, 5, 6, 9, 10]
-    assert all(0.0 <= e.value <= 1.0 for e in events.Scalars("probe/number_mass"))
-    records = [json.loads(line) for line in (run / "probe.jsonl").read_text().splitlines()]
+    for name in ("counting", "caption"):
+        for stat in ("number_mass", "max_number_prob", "max_number_logit"):
+            assert f"probe/{name}/{stat}" in tags, (name, stat)
+    assert "probe/heldout_acc" in tags and "probe/number_mass" not in tags
+    # base (0); step 1 of each task (log-spaced: global 1 and 6); every 3 steps (3, 6, 9); task ends (5, 10).
+    for name in ("counting", "caption"):
+        assert sorted(e.step for e in events.Scalars(f"probe/{name}/number_mass")) == [0, 1, 3, 5, 6, 9, 10]
+        assert all(0.0 <= e.value <= 1.0 for e in events.Scalars(f"probe/{name}/number_mass"))
+    records = [json.loads(line) for line in (run / "probe.jsonl").read_text().splitlines()]  # one file
     assert [r["label"] for r in records if r["label"] != "step"] == ["base", "after_count", "after_colour"]
+    # global steps 1, 3, 6 (both schedules: measured once), 9
+    assert [r["task_step"] for r in records if r["label"] == "step"] == [1, 3, 1, 4]
+    for r in records:
+        assert set(r["sets"]) == {"counting", "caption"} and r["sets"]["counting"]["n"] == 4
+        assert r["probe/caption/number_mass"] == r["sets"]["caption"]["number_mass"]
+
+
+def test_log_spaced_steps_and_the_legacy_single_probe_set():
+    from mllm_cl.data import Synthetic
+    from mllm_cl.errors import ConfigError
+    from mllm_cl.monitor import CountingBiasProbe, log_spaced
+
+    assert [s for s in range(1, 2001) if log_spaced(s)] == [1, 10, 100, 1000]
+    one = CountingBiasProbe(probe_set=Synthetic("shape", n=2, seed=1, image_size=32))
+    assert list(one.sets) == ["default"] and one.max_new_tokens == 256 and one.ordinals is False
+    with pytest.raises(ConfigError, match="probe_sets"):
+        CountingBiasProbe()
+
+
+def test_probe_subcommand_over_saved_checkpoints(tmp_path, capsys):
+    from mllm_cl.data import Synthetic
+    from strategies.freeze import SAProj
+    from tests.helpers import fit_cli, write_config
+
+    shape = {"class_path": "Synthetic", "init_args": {"skill": "shape", "n": 4, "seed": 5, "image_size": 32}}
+    count = {"class_path": "Synthetic", "init_args": {"skill": "count", "n": 8, "seed": 1, "image_size": 32}}
+    model = {"family": "llava", "tiny": "tiny", "recipe": {"class_path": "SAProj"}, "lr": 1e-2}
+    data = {
+        "batch_size": 4,
+        "eval_limit": 2,
+        "tasks": [{"name": "count", "train": count, "steps": 3}],
+        "heldout": [{"name": "shape", "data": shape}],
+    }
+    run_dir, _ = fit_cli(tmp_path, "run", model, data)
+    config, ckpt, out = (
+        write_config(tmp_path, "run", model, data),
+        run_dir / "checkpoints" / "last.ckpt",
+        tmp_path / "p.jsonl",
+    )
+    args = ["probe", "--config", str(config), "--base", "--ckpt_path", str(ckpt), "--sets", "shape"]
+    with pytest.raises(SystemExit) as done:
+        main([*args, "--limit", "2", "--max_new_tokens", "3", "--out", str(out)])
+    assert done.value.code == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["checkpoint"] for r in records] == ["base", str(ckpt)] and all(
+        set(r["sets"]) == {"shape"} for r in records
+    )
+
+    # The same numbers by hand: the tiny model of the config, with and without the checkpoint's weights.
+    samples = Synthetic("shape", n=4, seed=5, image_size=32).load()
+    samples = [samples[i] for i in range(2)]
+    module = MLLMModule(family="llava", tiny="tiny", recipe=SAProj())
+    module.configure_model()
+    base = probe(module, samples, max_new_tokens=3)
+    module.load_state_dict(torch.load(ckpt, weights_only=True)["state_dict"], strict=False)
+    trained = probe(module, samples, max_new_tokens=3)
+    for record, want in zip(records, (base, trained), strict=True):
+        for key in ("number_mass", "max_number_prob", "max_number_logit"):
+            assert record["sets"]["shape"][key] == pytest.approx(want[key], rel=1e-5), key
+    assert records[0]["sets"]["shape"]["max_number_logit"] != records[1]["sets"]["shape"]["max_number_logit"]
+
+    with pytest.raises(SystemExit) as bad:
+        main(["probe", "--config", str(config), "--base", "--sets", "nope"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (progress bars of the data cache above it)
+    assert bad.value.code == 2 and err.startswith("error: probe --sets") and "nope" in err and "shape" in err

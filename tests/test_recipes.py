@@ -11,7 +11,21 @@ import pytest
 
 from mllm_cl.errors import ConfigError
 from mllm_cl.module import MLLMModule
-from strategies.freeze import LLM, MLP, Full, MLPGateUp, Patterns, Projector, SAProj, VisionEncoder
+from strategies.freeze import (
+    LLM,
+    MLP,
+    SAQKV,
+    SAVO,
+    Full,
+    LastLayers,
+    MLPDown,
+    MLPGateUp,
+    Patterns,
+    Projector,
+    SAProj,
+    SAProjGateUp,
+    VisionEncoder,
+)
 from tests.conftest import FAMILY_NAMES
 
 
@@ -58,6 +72,20 @@ def expected(recipe_name: str, model, family: str) -> set[str]:
         return layer_parts(model, "mlp", ["gate_proj", "up_proj", "down_proj"])
     if recipe_name == "MLPGateUp":
         return layer_parts(model, "mlp", ["gate_proj", "up_proj"])
+    if recipe_name == "SAQKV":
+        return layer_parts(model, "self_attn", ["q_proj", "k_proj", "v_proj"])
+    if recipe_name == "SAVO":
+        return layer_parts(model, "self_attn", ["v_proj", "o_proj"])
+    if recipe_name == "MLPDown":
+        return layer_parts(model, "mlp", ["down_proj"])
+    if recipe_name == "SAProjGateUp":
+        return layer_parts(model, "self_attn", ["q_proj", "k_proj", "v_proj", "o_proj"]) | layer_parts(
+            model, "mlp", ["gate_proj", "up_proj"]
+        )
+    if recipe_name == "LastLayers1":
+        return names_of(model, lm.layers[-1])
+    if recipe_name == "LastLayers1MLP":
+        return names_of(model, lm.layers[-1].mlp)
     if recipe_name == "PatternsLayer1":
         last = lm.layers[1]
         return names_of(model, last, minus=[last.input_layernorm, last.post_attention_layernorm])
@@ -74,6 +102,12 @@ RECIPES = {
     "SAProj": SAProj,
     "MLP": MLP,
     "MLPGateUp": MLPGateUp,
+    "SAQKV": SAQKV,
+    "SAVO": SAVO,
+    "MLPDown": MLPDown,
+    "SAProjGateUp": SAProjGateUp,
+    "LastLayers1": lambda: LastLayers(1),
+    "LastLayers1MLP": lambda: LastLayers(1, within=r"mlp\."),
     "PatternsLayer1": lambda: Patterns([r"^llm\.layers\.1\."], exclude=["norm"]),
     "PatternsProjHead": lambda: Patterns([r"^projector\.", r"^llm\.lm_head\."]),
 }
@@ -187,3 +221,26 @@ def test_recipe_matching_nothing_is_a_one_line_config_error(family):
     message = str(info.value)
     assert "\n" not in message
     assert "Patterns" in message and "^nothing" in message and family in message
+
+
+def test_last_layers_counts_the_family_layers_and_refuses_too_many():
+    module = build("llava", LastLayers(2))
+    layers = module.model.model.language_model.layers
+    assert len(layers) == 2  # the tiny LLaVA: both layers, nothing else
+    assert trainable(module) == names_of(module.model, *layers)
+    with pytest.raises(ConfigError, match="has 2 decoder layers"):
+        build("llava", LastLayers(3))
+    with pytest.raises(ConfigError, match="n must be"):
+        LastLayers(0)
+
+
+def test_plan_counts_last_layers_like_the_real_recipe():
+    from mllm_cl.plan import count_parameters
+
+    module = build("llava", LastLayers(1, within=r"self_attn\."))
+    counts = count_parameters(module.family, module.model, LastLayers(1, within=r"self_attn\."))
+    assert counts["all"]["trainable"] == module.param_counts["total"]["trainable"] > 0
+    from mllm_cl.plan import make_recipe
+
+    with pytest.raises(ConfigError, match="needs arguments"):
+        make_recipe("LastLayers", None, None)

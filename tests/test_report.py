@@ -82,12 +82,15 @@ def test_compare_table_matches_summarize(tmp_path):
     for name, matrix, heldout in (("SAProj", R, HELDOUT), ("LLM", b_matrix, HELDOUT), ("plain", R, [])):
         s = summarize([row[: 3 + len(heldout)] for row in matrix], 3)
         assert rows[name][:-1] == [fmt_pp(s[key], signed) for _, key, signed in COLUMNS]
-    # By hand (see tests/test_continual.py): learning 2.05/3, held-out +0.05, avg 2.35/3, forgetting
+    # By hand (see tests/test_continual.py): learning 2.05/3, held-out +0.05 (final), stage average
+    # (-0.05 - 0.10 + 0.05) / 3, max drop 0.50 - 0.40, recovered 0.55 - 0.40, avg 2.35/3, forgetting
     # 0.175, BWT -0.15, FWT 0.15, held-out avg 0.55.
-    assert rows["SAProj"] == ["+68.3", "+5.0", "78.3", "+17.5", f"{MINUS}15.0", "+15.0", "55.0", "3/3"]
+    assert rows["SAProj"] == [
+        "+68.3", "+5.0", f"{MINUS}3.3", "+10.0", "+15.0", "78.3", "+17.5", f"{MINUS}15.0", "+15.0", "55.0", "3/3",
+    ]  # fmt: skip
     assert rows["LLM"][-1] == "2/3"  # a run in progress says so
     assert rows["LLM"][:2] == ["+77.5", f"{MINUS}40.0"]  # ((0.9-0.2) + (0.95-0.1)) / 2; 0.1 - 0.5
-    assert rows["plain"][1] == DASH and rows["plain"][6] == DASH
+    assert rows["plain"][1] == DASH and rows["plain"][9] == DASH
     # Then every run's full matrix, in percentage points.
     assert "## SAProj" in text and "| after | cub | count | pathvqa | ai2d |" in text
     assert "| pathvqa | 70.0 | 70.0 | 95.0 | 55.0 |" in text
@@ -145,7 +148,10 @@ def test_plot_writes_valid_pngs(tmp_path):
     b = make_run(tmp_path / "b", matrix=R[:2], recipe="strategies.freeze.Full")
     paths = plot([a, b], str(tmp_path / "out"))
     names = sorted(os.path.basename(p) for p in paths)
-    assert names == ["avg_seen.png", "heatmap_Full.png", "heatmap_SAProj.png", "heldout.png"]
+    assert names == [
+        "avg_seen.png", "heatmap_Full.png", "heatmap_SAProj.png", "heldout.png",
+        "heldout_sets_Full.png", "heldout_sets_SAProj.png",
+    ]  # fmt: skip
     for path in paths:
         assert os.path.getsize(path) > 0
         with Image.open(path) as img:
@@ -202,3 +208,47 @@ def test_cli_dispatches_report(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(empty) in lines[0] and "results.json" in lines[0]
+
+
+def test_heldout_set_curves_and_probe_correlation(tmp_path):
+    """Per held-out set: base, lowest, final, max drop, recovered; and Pearson's r across rows between
+    the live probe's number mass (probe.jsonl) and the mean held-out change, checked with `statistics`."""
+    import statistics
+
+    from mllm_cl.probe_report import probe_correlation
+
+    # 3 tasks, held-out sets ai2d (column 3) and chart (column 4).
+    matrix = [
+        [0.2, 0.1, 0.3, 0.50, 0.80],
+        [0.8, 0.2, 0.4, 0.30, 0.60],
+        [0.85, 0.9, 0.5, 0.40, 0.70],
+        [0.7, 0.7, 0.95, 0.45, 0.90],
+    ]
+    run = make_run(tmp_path / "run", matrix, heldout=["ai2d", "chart"], recipe="Full")
+    mass = {"counting": [0.10, 0.60, 0.40, 0.20], "caption": [0.05, 0.05, 0.05, 0.30]}
+    records = [{"label": "step", "sets": {"counting": {"number_mass": 0.99}}}]  # not a matrix row: ignored
+    for i, label in enumerate(["base", "after_cub", "after_count", "after_pathvqa"]):
+        sets = {name: {"number_mass": values[i], "n": 4.0} for name, values in mass.items()}
+        records.append({"label": label, "sets": sets})
+    (tmp_path / "run" / "probe.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    # Mean held-out change per row: 0, ((0.30-0.50) + (0.60-0.80)) / 2 = -0.20, -0.10, (-0.05 + 0.10) / 2
+    change = [0.0, -0.20, -0.10, 0.025]
+    corr = probe_correlation(
+        StreamResults.from_dict(json.loads((tmp_path / "run" / "results.json").read_text())), records
+    )
+    assert corr["counting"][1] == 4 and corr["counting"][0] == pytest.approx(
+        statistics.correlation(mass["counting"], change)
+    )
+    assert corr["caption"][0] == pytest.approx(statistics.correlation(mass["caption"], change))
+    assert corr["counting"][0] < -0.5  # more number mass, more held-out loss
+    text = compare([run])
+    assert "### Full: held-out sets" in text
+    # ai2d: base 50, lowest after training 30, final 45, max drop 20, recovered 15.
+    assert "| ai2d | 50.0 | 30.0 | 45.0 | +20.0 | +15.0 |" in text
+    # chart: base 80, lowest 60, final 90: dropped 20, recovered 30 (ends above its base).
+    assert "| chart | 80.0 | 60.0 | 90.0 | +20.0 | +30.0 |" in text
+    assert "### Full: counting-bias probe vs held-out change" in text
+    assert "| cub | " + MINUS + "20.0 | 0.0500 | 0.6000 |" in text
+    r = statistics.correlation(mass["counting"], change)
+    assert "- counting: r = " + f"{r:+.2f}".replace("-", MINUS) + " over 4 rows" in text
+    assert "counting-bias" not in compare([make_run(tmp_path / "no_probe", recipe="Full")])
