@@ -11,36 +11,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from mllm_cl.data import Synthetic, Task, TaskStream
 from mllm_cl.errors import ConfigError
 from mllm_cl.module import MLLMModule
-from strategies.base import Strategy
 from strategies.freeze import SAProj
 from strategies.wise_ft import WiSEFT
-
-
-def weights(module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in module.model.named_parameters()}
-
-
-class Snap(L.Callback):
-    """Weights at each task's start and at its end (listed before WiSEFT, so before the merge)."""
-
-    def __init__(self):
-        self.start, self.end = [], []
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        self.start.append(weights(pl_module))
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        self.end.append(weights(pl_module))
-
-
-class SeenByEval(Strategy):
-    """A probe strategy: its on_task_end runs right before the post-task evaluation."""
-
-    def __init__(self):
-        self.seen = []
-
-    def on_task_end(self, module, task):
-        self.seen.append(weights(module))
+from tests.helpers import SeenByEval, WeightSnapshots, quiet_trainer
 
 
 def fit(callback: WiSEFT, tmp_path):
@@ -61,16 +34,9 @@ def fit(callback: WiSEFT, tmp_path):
         batch_size=4,
         eval_batch_size=8,
     )
-    snap = Snap()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        callbacks=[snap, callback],
-        logger=TensorBoardLogger(str(tmp_path), name="tb"),
+    snap = WeightSnapshots()  # listed before WiSEFT: its end weights are the ones before the merge
+    trainer = quiet_trainer(
+        tmp_path, callbacks=[snap, callback], logger=TensorBoardLogger(str(tmp_path), name="tb")
     )
     trainer.fit(module, datamodule=stream)
     return module, trainer, snap, probe
@@ -142,23 +108,11 @@ def test_state_round_trip_and_bad_input(tmp_path):
 
 def test_wise_ft_refuses_lora(tmp_path):
     """WiSE-FT over LoRA adapters would scale B·A by ~α², so the combination stops with one line."""
-    import lightning as L
-
-    from mllm_cl.data import Synthetic, Task, TaskStream
-    from mllm_cl.errors import ConfigError
-    from mllm_cl.module import MLLMModule
-    from strategies import LoRA, SAProj, WiSEFT
+    from strategies import LoRA
 
     data = Synthetic("colour", n=4, seed=1, image_size=32)
     stream = TaskStream(tasks=[Task("t", train=data, eval=data, steps=1)], batch_size=2)
     module = MLLMModule(tiny="tiny", recipe=SAProj(), strategies=[LoRA(r=2, alpha=4)])
-    trainer = L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        default_root_dir=str(tmp_path),
-        callbacks=[WiSEFT(alpha=0.5)],
-    )
+    trainer = quiet_trainer(tmp_path, callbacks=[WiSEFT(alpha=0.5)])
     with pytest.raises(ConfigError, match="WiSEFT cannot be combined with the LoRA"):
         trainer.fit(module, datamodule=stream)
