@@ -220,10 +220,8 @@ def test_nonfinite_loss_skip_makes_no_optimizer_step(tmp_path):
         ],
         trainer__log_every_n_steps=1,
         trainer__callbacks=[{"class_path": "tests.test_bad_input.TrainableAtBatchStart"}],
+        data__tasks=[{"name": "t", "train": llava_json(data), "steps": 4}],
     )
-    cfg_dict = yaml.safe_load(cfg.read_text())
-    cfg_dict["data"]["tasks"][0]["steps"] = 4
-    cfg.write_text(yaml.safe_dump(cfg_dict))
     TrainableAtBatchStart.weights, TrainableAtBatchStart.adam_steps = [], []
     main(["fit", "--config", str(cfg)])
     w = TrainableAtBatchStart.weights
