@@ -7,6 +7,40 @@ import torch
 import yaml
 
 from mllm_cl.cli import main
+from strategies.base import Strategy
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository root
+
+
+def weights(module) -> dict[str, torch.Tensor]:
+    """Copies of every parameter of `module.model`, by real name."""
+    return {n: p.detach().clone() for n, p in module.model.named_parameters()}
+
+
+class WeightSnapshots(L.Callback):
+    """Every parameter at each task's start and at its end, as the callbacks listed after it see them
+    (a callback's on_train_epoch_end runs before the module's post-task evaluation)."""
+
+    def __init__(self):
+        self.start: list[dict[str, torch.Tensor]] = []
+        self.end: list[dict[str, torch.Tensor]] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.start.append(weights(pl_module))
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.end.append(weights(pl_module))
+
+
+class SeenByEval(Strategy):
+    """A probe strategy: its on_task_end runs right before the post-task evaluation, so `seen[task]`
+    holds the weights that evaluation scores (after every callback's merge)."""
+
+    def __init__(self):
+        self.seen: list[dict[str, torch.Tensor]] = []
+
+    def on_task_end(self, module, task):
+        self.seen.append(weights(module))
 
 
 def quiet_trainer(tmp_path, **kwargs) -> L.Trainer:

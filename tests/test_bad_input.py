@@ -8,12 +8,14 @@ import json
 import os
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
 from PIL import Image
 
 from mllm_cl.cli import main
+from strategies.base import Strategy
 from tests.helpers import cli_config
 
 RESULTS_BEFORE = '{"from": "an earlier run"}\n'
@@ -171,23 +173,70 @@ def test_nonfinite_loss_stops_with_task_and_step(tmp_path, capsys):
     assert results["row_labels"] == ["base"]  # written before the error, still whole
 
 
-def test_nonfinite_loss_skip_counts_batches(tmp_path):
+class NonFiniteAt(Strategy):
+    """Adds NaN to the loss of the listed micro-batches (counted from the run's first).
+
+    Args:
+        batches: which micro-batches get a NaN loss.
+    """
+
+    def __init__(self, batches: list[int]):
+        self.batches, self.seen = list(batches), 0
+
+    def loss(self, module, batch, outputs):
+        self.seen += 1
+        return outputs.loss * float("nan") if self.seen - 1 in self.batches else None
+
+
+class TrainableAtBatchStart(L.Callback):
+    """Class-level record, per micro-batch before it runs: the trainable weights and AdamW's step counts."""
+
+    weights: list = []
+    adam_steps: list = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        named = [(n, p) for n, p in pl_module.model.named_parameters() if p.requires_grad]
+        TrainableAtBatchStart.weights.append({n: p.detach().clone() for n, p in named})
+        state = trainer.optimizers[0].state
+        TrainableAtBatchStart.adam_steps.append(
+            {int(state[p]["step"]) if p in state else 0 for _, p in named}
+        )
+
+
+def test_nonfinite_loss_skip_makes_no_optimizer_step(tmp_path):
+    """Batches 1 and 2 of 4 have a NaN loss: with "skip" they change no weight and no AdamW moment
+    (not even through momentum from batch 0), and the counter reads exactly 1 then 2."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     data = write_record_file(tmp_path, [record(i) for i in range(4)])
     cfg = config(
         tmp_path,
         llava_json(data),
-        model__lr=1.0e30,
-        model__recipe={"class_path": "Full"},
+        model__lr=1.0e-2,
+        model__warmup_ratio=0.0,
         model__nonfinite_loss="skip",
+        model__strategies=[
+            {"class_path": "tests.test_bad_input.NonFiniteAt", "init_args": {"batches": [1, 2]}}
+        ],
         trainer__log_every_n_steps=1,
+        trainer__callbacks=[{"class_path": "tests.test_bad_input.TrainableAtBatchStart"}],
+        data__tasks=[{"name": "t", "train": llava_json(data), "steps": 4}],
     )
+    TrainableAtBatchStart.weights, TrainableAtBatchStart.adam_steps = [], []
     main(["fit", "--config", str(cfg)])
+    w = TrainableAtBatchStart.weights
+    assert len(w) == 4
+
+    def same(a, b):
+        return all(torch.equal(a[n], b[n]) for n in a)
+
+    assert not same(w[0], w[1])  # batch 0 trained
+    assert same(w[1], w[2]) and same(w[2], w[3])  # batches 1 and 2 were skipped: bit for bit unchanged
+    assert TrainableAtBatchStart.adam_steps == [{0}, {1}, {1}, {1}]  # no AdamW step for a skipped batch
     events = EventAccumulator(str(tmp_path / "runs" / "bad" / "fixed"))
     events.Reload()
     counts = [s.value for s in events.Scalars("train/nonfinite_skipped")]
-    assert counts and counts[-1] >= 1
+    assert counts[0] == 1.0 and counts[-1] == 2.0 and set(counts) == {1.0, 2.0}  # a running count
 
 
 def test_garbage_checkpoint(tmp_path, capsys):

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from mllm_cl.cli import COMMANDS, main
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = ("fit", "validate", "test", "plan", "report", "export", "cache")
 
 

@@ -7,8 +7,6 @@ naming a hub checkpoint are only parsed, since instantiating them would fetch a 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
@@ -16,8 +14,8 @@ from mllm_cl.cli import MllmCLI, main
 from mllm_cl.data.stream import TaskStream
 from mllm_cl.module import MLLMModule
 from strategies.freeze import Recipe
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 

@@ -11,8 +11,7 @@ import yaml
 
 from mllm_cl.cli import main
 from mllm_cl.report import main as report_main
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
 
 
 def _shrink(config: dict, out: Path) -> dict:
@@ -84,10 +83,32 @@ def test_report_shows_quadrants(run_2x2, tmp_path, capsys):
             assert float(cell) == pytest.approx(100 * sum(vals) / len(vals), abs=0.051)
 
 
+def _emt_by_hand(prompt: str, prediction: str, reference: str) -> float:
+    """EMT on a "Choose one of: a, b, c." prompt: right when the answer names exactly one label, the reference."""
+    labels = [w.strip() for w in prompt.split("Choose one of:")[1].strip().rstrip(".").split(",")]
+    words = prediction.lower().replace(".", " ").split()
+    named = [label for label in labels if label in words]
+    return float(len(named) == 1 and named[0] == reference)
+
+
 def test_per_set_generation_options_apply(run_2x2):
-    """The classify set (emt, stop ".", 3 new tokens) is scored; its labels come from the prompt."""
+    """shape_classify (emt, stop ".", 3 new tokens) answers in at most 3 words where the sets on the
+    model's default (4 tokens) answer in 4, and its matrix cells are EMT scores of its predictions,
+    with the labels its prompts name."""
     _, run = run_2x2
     results = json.loads((run / "results.json").read_text())
     col = results["columns"].index("shape_classify")
-    assert all(0.0 <= row[col] <= 1.0 for row in results["matrix"])
-    assert (run / "probe.jsonl").exists()
+    for i, label in enumerate(results["row_labels"]):
+        folder = run / "predictions" / f"{i}_{label}"
+        records = [json.loads(x) for x in (folder / "shape_classify.jsonl").read_text().splitlines()]
+        assert len(records) == 6  # data.eval_limit
+        assert all(len(r["prediction"].split()) <= 3 and "." not in r["prediction"] for r in records)
+        scores = [_emt_by_hand(r["prompt"], r["prediction"], r["references"][0]) for r in records]
+        assert results["matrix"][i][col] == pytest.approx(sum(scores) / len(scores))
+    base = [
+        json.loads(x)["prediction"]
+        for x in (run / "predictions" / "0_base" / "id_id.jsonl").read_text().splitlines()
+    ]
+    assert max(len(p.split()) for p in base) == 4  # the untrained model rambles to the default budget
+    probes = [json.loads(x)["label"] for x in (run / "probe.jsonl").read_text().splitlines()]
+    assert [p for p in probes if p != "step"] == ["base", "after_count"]

@@ -116,13 +116,29 @@ def test_export_refuses_a_garbage_checkpoint(trained, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_safetensors_only_holds_tensors(trained, tmp_path):
+def test_safetensors_hold_the_trained_weights(trained, tmp_path):
+    """Every tensor in model.safetensors is the checkpoint's trained value (or the untouched initial
+    one for a frozen weight), under the name the stock class loads it by."""
     family, config, ckpt = trained
     out = tmp_path / "hf2"
     with pytest.raises(SystemExit):
         main(["export", "--config", str(config), "--ckpt_path", str(ckpt), "--out", str(out)])
     weights = load_file(out / "model.safetensors")
-    assert len(weights) > 10 and all(isinstance(v, torch.Tensor) for v in weights.values())
+    trained_state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    trained_state = {k.removeprefix("model."): v for k, v in trained_state.items()}
+    initial, _ = get_family(family).build_tiny("tiny")
+    loaded = CLASSES[family].from_pretrained(out)
+    names = dict(loaded.named_parameters())
+    assert set(names) == {n for n, _ in initial.named_parameters()}
+    assert trained_state and set(trained_state) <= set(names)
+    for name, p in initial.named_parameters():
+        want = trained_state.get(name, p.detach())  # frozen (SAProj): as built from the tiny seed
+        assert torch.equal(names[name].detach(), want), name
+    assert any(not torch.equal(trained_state[n], dict(initial.named_parameters())[n]) for n in trained_state)
+    # The file itself (whose names follow the classes' save format) holds each trained tensor as is.
+    assert len(weights) == len(names)
+    for name, value in trained_state.items():
+        assert any(v.shape == value.shape and torch.equal(v, value) for v in weights.values()), name
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])

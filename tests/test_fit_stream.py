@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -21,9 +20,8 @@ from mllm_cl.continual import summarize
 from mllm_cl.data import Mix, Synthetic, Task, TaskStream
 from mllm_cl.module import MLLMModule
 from strategies.freeze import Full
-from tests.helpers import quiet_trainer
+from tests.helpers import ROOT, quiet_trainer
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "tiny_llava_test.yaml"
 SUMMARY_KEYS = ("avg_accuracy", "learning", "forgetting", "bwt", "fwt", "heldout_change")
 

@@ -71,22 +71,30 @@ def test_right_padding_would_differ(tiny):
 
 
 def test_stop_strings_cut_and_stop_early(tiny_llava):
-    from mllm_cl.families import get_family
-
     family = get_family("llava")
     model, processor = tiny_llava
     model.eval()
+    tok = processor.tokenizer
     enc = Encoder(family, processor)
-    batch = enc.collate([enc.encode_prompt(s) for s in _samples(2)], padding_side="left")
-    free = generate(model, processor.tokenizer, family.end_of_turn, batch, 12)
-    words = free[0].split()
-    assert len(words) >= 3, free  # the random model rambles, so there is something to stop on
-    stop = words[1]
-    cut = generate(model, processor.tokenizer, family.end_of_turn, batch, 12, stop=[stop])
-    assert cut[0] == cut_at_stop(free[0], [stop]).strip()
-    assert stop not in cut[0]
-    ids = generate_ids(model, processor.tokenizer, family.end_of_turn, batch, 12, stop=[stop])
-    assert ids.shape[1] - batch["input_ids"].shape[1] < 12 or stop in free[1]  # ended early
+    samples = _samples(2)
+    one = enc.collate([enc.encode_prompt(samples[0])], padding_side="left")
+    prompt_len = one["input_ids"].shape[1]
+    free_ids = generate_ids(model, tok, family.end_of_turn, one, 12)[0, prompt_len:].tolist()
+    assert len(free_ids) == 12  # the random model rambles on: only a stop string can end it early
+    free = tok.decode(free_ids, skip_special_tokens=True)
+    stop = free.split()[3]
+    # By hand: the first prefix of the free answer whose text contains the stop string.
+    k = next(k for k in range(1, 13) if stop in tok.decode(free_ids[:k], skip_special_tokens=True))
+    assert k < 12
+    ids = generate_ids(model, tok, family.end_of_turn, one, 12, stop=[stop])
+    assert ids[0, prompt_len:].tolist() == free_ids[:k]  # ended right at the stop string
+    assert generate(model, tok, family.end_of_turn, one, 12, stop=[stop]) == [free[: free.find(stop)].strip()]
+    # In a batch every row is cut at its own first stop string (or left whole without one).
+    batch = enc.collate([enc.encode_prompt(s) for s in samples], padding_side="left")
+    frees = generate(model, tok, family.end_of_turn, batch, 12)
+    cut = generate(model, tok, family.end_of_turn, batch, 12, stop=[stop])
+    assert cut == [(f[: f.find(stop)] if stop in f else f).strip() for f in frees]
+    assert cut[0] != frees[0] and stop not in cut[0]
 
 
 def test_cut_at_stop():

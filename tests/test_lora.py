@@ -14,10 +14,9 @@ from peft.tuners.lora import LoraLayer
 from mllm_cl.data import Synthetic, Task, TaskStream
 from mllm_cl.families import get_family
 from mllm_cl.module import MLLMModule
-from strategies.base import Strategy
 from strategies.freeze import Full, MLPGateUp, SAProj
 from strategies.lora import LoRA
-from tests.helpers import quiet_trainer
+from tests.helpers import SeenByEval, WeightSnapshots, quiet_trainer
 
 FAMILIES = ["llava", "qwen2_5_vl"]
 SA = re.compile(r"^model\.language_model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj$")
@@ -52,33 +51,26 @@ def test_plain_peft_suffixes_would_also_wrap_the_vision_tower():
     assert any("vision_tower" in n for n in wrapped(model))
 
 
-class Snap(L.Callback):
-    """Base weight + adapters of every LoRA layer at each task's end, before the merge."""
-
-    def __init__(self):
-        self.before = []
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        self.before.append(
-            {
-                n: (
-                    m.get_base_layer().weight.detach().clone(),
-                    m.lora_A["default"].weight.detach().clone(),
-                    m.lora_B["default"].weight.detach().clone(),
-                    m.scaling["default"],
-                )
-                for n, m in pl_module.model.named_modules()
-                if isinstance(m, LoraLayer)
-            }
-        )
-
-
-class SeenByEval(Strategy):
-    def __init__(self):
-        self.seen = []
-
-    def on_task_end(self, module, task):
-        self.seen.append({n: p.detach().clone() for n, p in module.model.named_parameters()})
+def test_adapter_adds_alpha_over_r_times_b_a_and_merges_it():
+    """The forward of a wrapped layer is W x + (α / r) · B A x, with α / r = 12 / 4 = 3 worked out
+    here (not read from the layer); the task-end merge folds exactly that into W."""
+    module = MLLMModule(family="llava", recipe=SAProj(), strategies=[LoRA(r=4, alpha=12)])
+    module.configure_model()
+    layer = next(m for m in module.model.modules() if isinstance(m, LoraLayer))
+    gen = torch.Generator().manual_seed(0)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        b.copy_(torch.randn(b.shape, generator=gen))  # as after some training
+    w = layer.get_base_layer().weight.detach().clone()
+    bias = layer.get_base_layer().bias
+    x = torch.randn(3, w.shape[1], generator=gen)
+    want = x @ w.T + 3.0 * (x @ a.detach().T @ b.detach().T) + (0 if bias is None else bias.detach())
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
+    update = 3.0 * b.detach() @ a.detach()
+    module.strategies[0].on_task_end(module, 0)
+    torch.testing.assert_close(layer.get_base_layer().weight.detach(), w + update, rtol=0, atol=1e-6)
+    assert not b.any()  # a fresh adapter adds nothing
 
 
 def test_merge_after_each_task_and_checkpoint(tmp_path):
@@ -95,15 +87,22 @@ def test_merge_after_each_task_and_checkpoint(tmp_path):
         ],
         batch_size=4,
     )
-    snap = Snap()
+    snap = WeightSnapshots()
     trainer = quiet_trainer(tmp_path, callbacks=[snap])
     trainer.fit(module, datamodule=stream)
+    layers = [
+        n[: -len(".lora_A.default.weight")] for n in snap.end[0] if n.endswith(".lora_A.default.weight")
+    ]
+    assert len(layers) == 4 * module.model.config.text_config.num_hidden_layers
     for task in range(2):
-        for name, (w, a, b, scaling) in snap.before[task].items():
+        end, seen = snap.end[task], probe.seen[task]  # before and after the merge
+        for name in layers:
+            w, a, b = (
+                end[f"{name}.{part}.weight"] for part in ("base_layer", "lora_A.default", "lora_B.default")
+            )
             assert b.abs().sum() > 0  # the adapter trained
-            merged = probe.seen[task][f"{name}.base_layer.weight"]
-            assert torch.equal(merged, w + (b @ a) * scaling)
-            assert not probe.seen[task][f"{name}.lora_B.default.weight"].any()  # fresh adapter adds nothing
+            assert torch.equal(seen[f"{name}.base_layer.weight"], w + (b @ a) * (8 / 4))  # α / r, by hand
+            assert not seen[f"{name}.lora_B.default.weight"].any()  # fresh adapter adds nothing
     # Frozen (merged) weights are not in the Lightning state_dict of trainables: the strategy carries them.
     path = tmp_path / "lora.ckpt"
     trainer.save_checkpoint(path)

@@ -14,7 +14,7 @@ from mllm_cl.data.collate import Encoder
 from mllm_cl.module import MLLMModule
 from strategies.freeze import SAProj
 from strategies.lwf import LwF, answer_logits, distillation
-from tests.helpers import quiet_trainer
+from tests.helpers import WeightSnapshots, quiet_trainer
 
 FAMILIES = ["llava", "qwen2_5_vl"]
 
@@ -147,7 +147,7 @@ def fit(strategies, tmp_path, steps: int = 3) -> tuple[MLLMModule, L.Trainer]:
         eval_batch_size=16,
         eval_limit=4,
     )
-    trainer = quiet_trainer(tmp_path)
+    trainer = quiet_trainer(tmp_path, callbacks=[WeightSnapshots()])
     trainer.fit(module, datamodule=stream)
     return module, trainer
 
@@ -173,6 +173,11 @@ def test_lambda_zero_trains_exactly_like_plain_and_teacher_restores(tmp_path):
     saved, loaded = zero_module.strategies[0].teacher, fresh.strategies[0].teacher
     assert saved.keys() == loaded.keys() and all(torch.equal(saved[n], loaded[n]) for n in saved)
     assert any(not torch.equal(saved[n], zero[n]) for n in saved)  # teacher = start of task b, not the end
+    # ... exactly the weights task b started from (refreshed at each task start), not task a's.
+    (snap,) = [c for c in trainer.callbacks if isinstance(c, WeightSnapshots)]
+    start_a, start_b = snap.start
+    assert all(torch.equal(saved[n], start_b[n]) for n in saved)
+    assert any(not torch.equal(start_a[n], start_b[n]) for n in saved)
 
 
 def separate_teacher_term(module, teacher_model, batch, outputs, temperature: float = 2.0) -> torch.Tensor:

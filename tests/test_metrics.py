@@ -59,6 +59,8 @@ def _ten_refs(agreeing: int) -> list[str]:
         (2, (2 * 1 / 3 + 8 * 2 / 3) / 10),  # 0.6
         (3, (3 * 2 / 3 + 7 * 1) / 10),  # 0.9
         (4, (4 * 1 + 6 * 1) / 10),  # 1.0
+        (7, 1.0),  # every subset keeps 6 or 7 agreeing humans: capped at 1, not 7/3 or 2
+        (10, 1.0),
     ],
 )
 def test_vqa_accuracy_ten_references(agreeing, expected):
@@ -66,9 +68,15 @@ def test_vqa_accuracy_ten_references(agreeing, expected):
 
 
 def test_vqa_accuracy_fewer_references_and_batch_mean():
-    metric = VQAAccuracy()
+    metric = VQAAccuracy(allow_few_references=True)  # fewer than 3 references only on request
     assert metric.score("cat", ["cat", "a cat", "dog"]) == pytest.approx(2 / 3)
     assert metric.score("cat", ["cat", "cat", "cat", "dog"]) == pytest.approx(1.0)
+    # More than 3 agreeing among fewer than 10: min(1, 4 / 3) and min(1, 9 / 3) are both 1.
+    assert metric.score("cat", ["cat"] * 4 + ["dog"]) == 1.0
+    assert metric.score("Cat.", ["cat"] * 9) == 1.0
+    metric.update(["cat", "cat"], [["cat"] * 5, ["cat", "dog"]])  # capped 1 and 1/3
+    assert metric.compute().item() == pytest.approx((1 + 1 / 3) / 2)
+    metric.reset()
     metric.update(["cat", "cat"], [_ten_refs(2), _ten_refs(3)])
     assert metric.compute().item() == pytest.approx((0.6 + 0.9) / 2)
 

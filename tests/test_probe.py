@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -15,8 +15,8 @@ from mllm_cl.cli import main
 from mllm_cl.data.collate import Encoder
 from mllm_cl.module import MLLMModule
 from mllm_cl.probe import is_number_token, number_token_ids, probe
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 # Written out by hand (not imported from mllm_cl.probe) so the test checks the definition (LMM_CL's set).
 WORDS = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
@@ -134,8 +134,72 @@ def test_number_mass_equals_softmax_by_hand():
     assert stats["max_number_prob"] == pytest.approx(float(probs[ids].max()), rel=1e-4)
     assert stats["max_number_logit"] == pytest.approx(float(logits[ids].max()), rel=1e-4)
     assert stats["number_mass_std"] == 0.0 and stats["n"] == 1
-    two = probe(module, [sample, sample], max_new_tokens=4)
-    assert two["number_mass_std"] == pytest.approx(0.0, abs=1e-6) and 0 < two["number_mass"] < 1
+
+
+def _sample(i: int, question: str, colour: tuple[int, int, int]) -> dict:
+    image = Image.new("RGB", (32, 32), colour)
+    return {"id": str(i), "images": [image], "messages": [{"role": "user", "content": "<image>\n" + question}],
+            "answers": ["1"]}  # fmt: skip
+
+
+def _by_hand(
+    module, sample: dict, number_ids: list[int], eos: int, steps: int
+) -> tuple[list[dict], list[int]]:
+    """Greedy decoding of one prompt alone (no padding, no cache): per step, the statistics of the raw
+    next-token logits, up to and including the end-of-turn token; and the tokens chosen."""
+    enc = Encoder(module.family, module.processor)
+    batch = enc.collate([enc.encode_prompt(sample)])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    images = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "meta", "skipped")}
+    rows, tokens = [], []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = module.model(input_ids=ids, attention_mask=mask, **images).logits[0, -1].double()
+            probs = torch.softmax(logits, -1)
+            rows.append({"number_mass": float(probs[number_ids].sum()),
+                         "max_number_prob": float(probs[number_ids].max()),
+                         "max_number_logit": float(logits[number_ids].max())})  # fmt: skip
+            tokens.append(int(logits.argmax()))
+            if tokens[-1] == eos:
+                break
+            ids, mask = torch.cat([ids, torch.tensor([[tokens[-1]]])], 1), torch.cat([mask, mask[:, :1]], 1)
+    return rows, tokens
+
+
+def test_probe_over_prompts_of_different_lengths():
+    """A short prompt that ends early and a long one that runs the whole budget, probed in one
+    left-padded batch: each sample is averaged over its own steps through its end token, and the
+    batch gives what each prompt gives alone."""
+    module = MLLMModule(family="llava", tiny="tiny")
+    module.configure_model()
+    module.model.eval()
+    tok = module.processor.tokenizer
+    eos = tok.convert_tokens_to_ids(module.family.end_of_turn)
+    vocab = tok.get_vocab()
+    number_ids = sorted(i for w, i in vocab.items() if (w.isdigit() and w.isascii()) or w in WORDS)
+    short = _sample(0, "How many squares are in the image?", (200, 10, 10))
+    long = _sample(1, "What colour is the circle left of the big red square in this picture?", (10, 200, 10))
+    enc = Encoder(module.family, module.processor)
+    assert enc.encode_prompt(short)["input_ids"].shape[1] < enc.encode_prompt(long)["input_ids"].shape[1]
+    # Make the short answer end at its 3rd token: the end token's output row becomes a slightly longer
+    # copy of that token's row, so it wins where that token would.
+    _, tokens = _by_hand(module, short, number_ids, eos, 6)
+    with torch.no_grad():
+        module.model.lm_head.weight[eos] = 1.05 * module.model.lm_head.weight[tokens[2]]
+    want = [_by_hand(module, s, number_ids, eos, 6) for s in (short, long)]
+    assert [w[1][-1] == eos for w in want] == [True, False]
+    assert [len(w[0]) for w in want] == [3, 6]  # the short answer ends early, the long one does not
+    means = [{k: sum(step[k] for step in rows) / len(rows) for k in rows[0]} for rows, _ in want]
+
+    got = probe(module, [short, long], batch_size=2, max_new_tokens=6)
+    assert got["n"] == 2
+    for key in means[0]:
+        values = [m[key] for m in means]
+        mean = sum(values) / 2
+        std = (sum((v - mean) ** 2 for v in values) / 2) ** 0.5  # population std, ddof = 0
+        assert got[key] == pytest.approx(mean, rel=1e-4), key
+        assert got[f"{key}_std"] == pytest.approx(std, rel=1e-3, abs=1e-7), key
+    assert got["number_mass_std"] > 1e-4  # two different samples: the spread is not trivially zero
 
 
 def test_monitor_probes_named_sets_side_by_side_on_a_log_spaced_schedule(tmp_path):

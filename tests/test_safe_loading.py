@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +12,7 @@ import yaml
 
 from mllm_cl.cli import main
 from mllm_cl.module import MLLMModule
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
 
 
 def test_our_code_loads_only_with_weights_only():
@@ -42,12 +40,39 @@ def test_checkpoint_is_weights_only_loadable_and_has_no_pickled_objects(tmp_path
     hparams = state["hyper_parameters"]
     assert "recipe" not in hparams and "strategies" not in hparams
     json.dumps({k: v for k, v in hparams.items() if not k.startswith("_")})  # plain values only
-    # Resuming goes through Lightning with weights_only=True (set by the CLI) and completes.
+    # Resuming a finished run with weights_only=True loads the checkpoint, trains nothing more and
+    # leaves the results and the checkpoint as they were.
+    run = tmp_path / "s" / "v"
+    before = (run / "results.json").read_text(), state["global_step"], state["state_dict"]
+    assert json.loads(before[0])["row_labels"] == ["base", "count"] and before[1] == 2
     main(["fit", "--config", str(path), "--ckpt_path", "last"])
-    with pytest.raises(pickle.UnpicklingError):  # and an object-carrying file is refused by that loader
-        bad = tmp_path / "obj.ckpt"
-        torch.save({"x": MLLMModule.__init__}, bad)
-        torch.load(bad, weights_only=True)
+    after = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert (run / "results.json").read_text() == before[0]
+    assert after["global_step"] == before[1]
+    assert after["state_dict"].keys() == before[2].keys()
+    assert all(torch.equal(after["state_dict"][k], before[2][k]) for k in before[2])
+
+    # A checkpoint that runs code when unpickled is refused in one line, and its code never runs.
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({**after, "payload": RunsCode(str(marker))}, evil)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path), "--ckpt_path", str(evil)])
+    assert exit_info.value.code == 2
+    assert not marker.exists()
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(evil, weights_only=True)
+    assert not marker.exists()
+
+
+class RunsCode:
+    """Unpickling this calls open(path, "w"): the marker file appears only if the pickle was trusted."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
 
 
 def test_remote_code_is_not_run_without_trust_remote_code(tmp_path):

@@ -14,18 +14,12 @@ from mllm_cl.errors import ConfigError
 from mllm_cl.module import MLLMModule
 from mllm_cl.sharding import LayerWiseFSDP, block_modules, check_attn_implementation, shard_units
 from strategies.freeze import SAProj
+from tests.helpers import quiet_trainer
 
 
 def tiny_stream(steps: int, **kwargs) -> TaskStream:
     data = Synthetic("colour", n=16, seed=3, image_size=32)
     return TaskStream(tasks=[Task("colour", train=data, eval=data, steps=steps)], eval_limit=4, **kwargs)
-
-
-def trainer(tmp_path, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(tmp_path), **kwargs,
-    )  # fmt: skip
 
 
 def test_gradient_checkpointing_with_saproj_reaches_every_trainable_param():
@@ -59,7 +53,7 @@ def test_accumulation_runs_steps_times_accumulate_micro_batches(tmp_path):
     counter = CountBatches()
     module = MLLMModule(family="llava", recipe=SAProj(), lr=1e-3)
     stream = tiny_stream(3, batch_size=2, eval_batch_size=4)
-    t = trainer(tmp_path, accumulate_grad_batches=2, callbacks=[counter])
+    t = quiet_trainer(tmp_path, accumulate_grad_batches=2, callbacks=[counter])
     t.fit(module, datamodule=stream)
     assert t.global_step == 3  # optimizer steps = task steps
     assert counter.micro == 6  # 2 micro-batches per step
@@ -83,7 +77,7 @@ def test_flash_attention_without_the_package_is_one_line_config_error():
 def test_fit_with_two_workers(tmp_path):
     module = MLLMModule(family="llava", recipe=SAProj(), lr=1e-3)
     stream = tiny_stream(2, batch_size=4, eval_batch_size=4, num_workers=2)
-    t = trainer(tmp_path)
+    t = quiet_trainer(tmp_path)
     t.fit(module, datamodule=stream)
     assert t.global_step == 2 and len(module.results.rows) == 2
 
@@ -107,7 +101,7 @@ def test_shard_units_cover_blocks_and_roots_children_first():
 def test_compile_fit(tmp_path):
     module = MLLMModule(family="llava", recipe=SAProj(), lr=1e-3, compile=True)
     t0 = time.perf_counter()
-    t = trainer(tmp_path)
+    t = quiet_trainer(tmp_path)
     t.fit(module, datamodule=tiny_stream(2, batch_size=4, eval_batch_size=4))
     assert t.global_step == 2 and len(module.results.rows) == 2
     assert all(hasattr(b, "_compiled_call_impl") and b._compiled_call_impl for b in block_modules(module))

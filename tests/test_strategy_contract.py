@@ -25,9 +25,8 @@ from mllm_cl.module import MLLMModule
 from strategies.base import Strategy
 from strategies.freeze import Recipe, SAProj
 from strategies.l2_anchor import L2Anchor
-from tests.helpers import cli_config
+from tests.helpers import ROOT, cli_config
 
-ROOT = Path(__file__).resolve().parent.parent
 SHAPE = {"class_path": "Synthetic", "init_args": {"skill": "shape", "n": 8, "seed": 6, "image_size": 32}}
 # class name -> (where in the config, YAML entry)
 SNIPPETS = {

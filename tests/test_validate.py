@@ -10,6 +10,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mllm_cl.cli import main
+from tests.helpers import quiet_trainer
 
 SOURCES = [
     {
@@ -112,25 +113,54 @@ def test_validate_exported_hf_dir(fitted):
     )
 
 
-def test_metric_args_reach_the_metric_and_bad_ones_fail_in_one_line(tmp_path):
-    import lightning as L
+def _emt_by_hand(prediction: str, labels: list[str], reference: str) -> float:
+    """Right when the answer names exactly one of `labels` (as a word) and that one is the reference."""
+    named = [label for label in labels if label in prediction.lower().replace(".", " ").split()]
+    return float(len(named) == 1 and named[0] == reference)
 
+
+def test_metric_args_reach_the_metric(fitted):
+    """EMT on the colour set with a label set that leaves out a colour the model answers right: those
+    answers name no label and score 0, so the value is below plain exact match, as computed by hand."""
+    from mllm_cl.data.synthetic import COLOURS
+
+    config, _, run, results = fitted
+    row = f"{len(results['row_labels']) - 1}_{results['row_labels'][-1]}"
+    fit_records = [
+        json.loads(x) for x in (run / "predictions" / row / "colour.jsonl").read_text().splitlines()
+    ]
+    right = [r["references"][0] for r in fit_records if r["prediction"].lower() == r["references"][0]]
+    assert right  # the memorised model names some colours right
+    labels = [c for c in COLOURS if c != right[0]]
+    emt = yaml.safe_load(config.read_text())
+    emt["data"]["heldout"] = [
+        {"name": "colour_emt", "data": SOURCES[0], "metric": "emt", "metric_args": {"labels": labels}}
+    ]
+    emt_config = config.parent / "emt.yaml"
+    emt_config.write_text(yaml.safe_dump(emt))
+    record, eval_run = _evaluate(
+        "validate", emt_config, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")
+    )
+    lines = (eval_run / "predictions" / "validate" / "colour_emt.jsonl").read_text().splitlines()
+    records = [json.loads(x) for x in lines]
+    assert [r["prediction"] for r in records] == [
+        r["prediction"] for r in fit_records
+    ]  # same model, same answers
+    by_hand = sum(_emt_by_hand(r["prediction"], labels, r["references"][0]) for r in records) / len(records)
+    assert record["accuracy"]["colour_emt"] == pytest.approx(by_hand)
+    assert by_hand < len(right) / len(records)  # the left-out colour's right answers do not count
+
+
+def test_bad_metric_args_fail_in_one_line(tmp_path):
     from mllm_cl.data import Synthetic, TaskStream
     from mllm_cl.data.stream import EvalSet, Task
     from mllm_cl.errors import ConfigError
     from mllm_cl.module import MLLMModule
 
-    def validate(metric_args):
-        data = Synthetic("classify", n=2, seed=1, image_size=32)
-        stream = TaskStream(
-            tasks=[Task("t", train=data)],
-            heldout=[EvalSet("cls", data, metric="emt", metric_args=metric_args, max_new_tokens=2)],
-        )
-        trainer = L.Trainer(
-            accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path)
-        )
-        return trainer.validate(MLLMModule(tiny="tiny"), datamodule=stream, verbose=False)
-
-    assert 0.0 <= validate({"labels": ["circle", "square", "triangle"]})[0]["eval/cls"] <= 1.0
+    data = Synthetic("classify", n=2, seed=1, image_size=32)
+    stream = TaskStream(
+        tasks=[Task("t", train=data)],
+        heldout=[EvalSet("cls", data, metric="emt", metric_args={"nonsense": 1}, max_new_tokens=2)],
+    )
     with pytest.raises(ConfigError, match="eval set 'cls': metric 'emt' with metric_args .*nonsense"):
-        validate({"nonsense": 1})
+        quiet_trainer(tmp_path).validate(MLLMModule(tiny="tiny"), datamodule=stream, verbose=False)
