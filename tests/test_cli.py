@@ -10,7 +10,7 @@ import pytest
 from mllm_cl.cli import COMMANDS, main
 from tests.helpers import ROOT
 
-EXPECTED = ("fit", "validate", "test", "plan", "report", "export", "cache")
+EXPECTED = ("fit", "validate", "test", "plan", "report", "export", "cache", "probe")
 
 
 def test_help_lists_every_subcommand_with_one_line():
