@@ -16,6 +16,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPImag
 from mllm_cl.data import Synthetic, Task, TaskStream
 from mllm_cl.data.meta import prompt_labels
 from mllm_cl.emt import CLIPBaseline, clip_zero_shot
+from mllm_cl.families import get_family
 from mllm_cl.metrics import build_metric
 from mllm_cl.module import MLLMModule
 from mllm_cl.report import compare
@@ -58,7 +59,7 @@ def test_unmatched_rate_is_a_reported_part():
 
 def tiny_clip(folder) -> str:
     """A random CLIP with the tiny word-level tokenizer (+ </s> appended) and a 32 px image processor."""
-    tok = build_tokenizer("llava")
+    tok = build_tokenizer(get_family("llava").tiny_specials)
     eos = tok.convert_tokens_to_ids("</s>")
     tok.backend_tokenizer.post_processor = TemplateProcessing(
         single="$A </s>", special_tokens=[("</s>", eos)]
