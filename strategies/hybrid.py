@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from mllm_cl.data.sources import Source
 from mllm_cl.errors import ConfigError
-from strategies.base import Strategy
+from strategies.base import MemoryTerm, Strategy
 
 
 class Composed(Sequence):
@@ -116,3 +116,18 @@ class DataHybrid(Strategy):
     def train_data(self, module, task: int, table: Sequence[dict]) -> Sequence[dict]:
         extra = self.cached_tables(module.trainer.datamodule)
         return compose([table, *extra], self.ratios, task_samples(module, task), self.seed * 1000 + task)
+
+    def memory(self, plan) -> list[MemoryTerm]:
+        mixed = max((n or 0 for n in plan.task_samples), default=0)
+        terms = [
+            MemoryTerm(
+                "hybrid mixing table",
+                mixed * 120,  # a (source, index) tuple per sample, as Replay's references
+                "one reference per sample of the largest task (0 when its size is unknown)",
+                where="host",
+            )
+        ]
+        for source in self.sources:  # loaded in full by every training process
+            nbytes, note = plan.table_bytes(source)
+            terms.append(MemoryTerm(f"hybrid source {source.describe()}", nbytes, note, where="host"))
+        return terms

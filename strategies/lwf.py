@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from mllm_cl.data.collate import BOOKKEEPING_KEYS
 from mllm_cl.errors import ConfigError
-from strategies.base import Strategy
+from strategies.base import MemoryTerm, Strategy
 
 
 def trainable_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -105,6 +105,21 @@ class LwF(Strategy):
             return outputs.logits.sum() * 0.0
         teacher = answer_logits(self.teacher_logits(module, batch), labels)
         return self.lam * distillation(student, teacher, self.temperature)
+
+    def memory(self, plan) -> list[MemoryTerm]:
+        teacher = plan.micro_batch * plan.seq_len * plan.vocab * plan.compute_bytes
+        return [
+            MemoryTerm(
+                "LwF teacher snapshot",
+                plan.sharded(plan.trainable * plan.weight_bytes),
+                "a copy of the trainable weights, taken at each task start",
+            ),
+            MemoryTerm(
+                "LwF teacher logits",
+                teacher,
+                "b x s x V of the no-grad teacher pass; the fp32 KL runs on answer tokens only",
+            ),
+        ]
 
     def state_dict(self) -> dict:
         return {"teacher": self.teacher, "empty_batches": self.empty_batches}
