@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 
 from mllm_cl.errors import ConfigError
 from mllm_cl.families import COMPONENTS
@@ -53,9 +54,7 @@ def checkpoint_config(pretrained: str) -> Path | None:
     bundled = bundled_configs().get(pretrained.rsplit("/", 1)[-1].lower())
     if bundled is not None:
         return bundled
-    if "/" in pretrained and not Path(pretrained).exists():
-        from huggingface_hub import try_to_load_from_cache
-
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", pretrained) and not Path(pretrained).exists():  # a hub id
         cached = try_to_load_from_cache(pretrained, "config.json")
         if isinstance(cached, str):
             return Path(cached)

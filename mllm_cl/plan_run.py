@@ -149,7 +149,7 @@ def table_bytes(source) -> tuple[int, str]:
     if isinstance(source, LlavaJson):
         if os.path.isfile(path):
             return os.path.getsize(path), "≥ the JSON's size on disk (parsed records take several times more)"
-        return 0, f"unknown: {path} not found"
+        return 0, "unknown: file not found"
     return 0, "memory-mapped Arrow data (datasets): shared pages, not counted"
 
 

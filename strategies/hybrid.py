@@ -127,7 +127,9 @@ class DataHybrid(Strategy):
                 where="host",
             )
         ]
-        for source in self.sources:  # loaded in full by every training process
+        for k, source in enumerate(self.sources):  # loaded in full by every training process
             nbytes, note = plan.table_bytes(source)
-            terms.append(MemoryTerm(f"hybrid source {source.describe()}", nbytes, note, where="host"))
+            terms.append(
+                MemoryTerm(f"hybrid source {k}", nbytes, f"{source.describe()}: {note}", where="host")
+            )
         return terms
