@@ -17,6 +17,7 @@ terms and their formulas are in `mllm_cl.plan_memory`, the fit-YAML reading in `
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
@@ -51,13 +52,21 @@ from mllm_cl.plan_run import (
 from strategies.freeze import Full, Patterns, Recipe
 
 
+@functools.lru_cache(maxsize=4)
+def _meta_model(family: str, path: str):
+    """The meta-device model of a config.json, built once per process (about a second for a 7B)."""
+    fam = get_family(family)
+    return build_meta_model(fam, load_config(fam, path))
+
+
 def plan_setup(setup: Setup, config, label: str, model=None, path=None) -> dict:
     """Parameter counts and memory terms of `setup` on the architecture of `config` (or `model`)."""
     setup.check()
     fam = get_family(
         setup.family, {"processor_kwargs": setup.processor_kwargs} if setup.processor_kwargs else None
     )
-    model = model if model is not None else build_meta_model(fam, config)
+    if model is None:
+        model = _meta_model(fam.name, str(path)) if path is not None else build_meta_model(fam, config)
     arch = arch_of(fam, config, model, setup.recipe, setup.processor_kwargs)
     return {
         "family": fam.name,

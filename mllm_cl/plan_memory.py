@@ -18,10 +18,14 @@ L = decoder layers, h = hidden size, a = attention heads, V = vocabulary.
   weights: 8 B per parameter; bf16 weights: 4 B and no master copy).
 * strategies    each method's `memory(plan)` (`strategies.base.MemoryTerm`): LwF's teacher, the L2
   anchor, LoRA's adapters (which *replace* the gradients and optimizer terms), WiSE-FT's start copy...
-* activations   in c bytes, Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
-  Transformer Models"): one layer keeps s·b·h·(34 + 5·a·s/h) bytes at 16 bits. With checkpointing
-  L·s·b·h·c (each layer's saved input) + one layer in full; without, L layers in full. The 5·a·s/h
-  term is the attention matrix that SDPA / flash kernels do not store: conservative there.
+* activations   Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+  Models"): one layer keeps s·b·h·(34 + 5·a·s/h) bytes at 16 bits, here in c bytes; the 5·a·s/h
+  term is the attention matrix that SDPA / flash kernels do not store (conservative there). The
+  residual stream stays in w bytes: the embeddings come out in the weights' dtype and fp32 + bf16
+  branch outputs add up in fp32 (checked under CPU autocast on the tiny LLaVA and Qwen2.5-VL), so
+  each layer's input, and its two norms' inputs, take w bytes (FSDP1 computes with c-byte copies
+  of the parameters: c). With checkpointing: L·s·b·h·w (the saved layer inputs) + one layer in
+  full; without: L layers in full.
 * logits        b·s·V·(c + 4): lm_head's output plus the fp32 copy the loss upcasts to.
 * FSDP buffers  FSDP2: the unsharded unit being run and the prefetched one (2 × the largest unit's
   P·w) + one unit's unsharded fp32 gradients before the reduce-scatter. FSDP1 (param_dtype c):
@@ -181,14 +185,38 @@ def estimate(setup: Setup, arch: Arch) -> dict:
     """Memory terms of `setup` on `arch`: a list of {name, bytes, note, where} and the totals."""
     s, a = setup, arch
     w, c = element_sizes(s)
+    terms = state_terms(s, a, w, c)
+    view = PlanView(
+        a.params["all"]["trainable"], w, c, state_shards(s)[1], s.micro_batch, s.seq_len, a.vocab,
+        a.layers, s.gradient_checkpointing, tuple(s.recipe.patterns), a.linears, s.task_samples,
+        s.table_bytes,
+    )  # fmt: skip
+    for extra in strategy_terms(s, view):
+        if extra.replaces:
+            terms = [t for t in terms if t["name"] != extra.replaces]
+        per_node = s.devices if extra.where == "host" else 1  # host terms are per training process
+        terms.append(_term(extra.name, extra.nbytes * per_node, extra.note, extra.where))
+    terms += activation_terms(s, a, w, c)
+    terms += sharding_terms(s, a, w, c, a.params["all"]["trainable"])
+    terms += host_terms(s, a, terms)
+    return {
+        "terms": terms,
+        "gpu_total": sum(t["bytes"] for t in terms if t["where"] == "gpu"),
+        "host_total": sum(t["bytes"] for t in terms if t["where"] == "host"),
+        "weight_bytes": w,
+        "compute_bytes": c,
+    }
+
+
+def state_terms(s: Setup, a: Arch, w: int, c: int) -> list[dict]:
+    """Weights, autocast's kept casts, gradients and AdamW state."""
     n_weights, n_state = state_shards(s)
     total, trainable = a.params["all"]["total"], a.params["all"]["trainable"]
-    mixed, fsdp1 = s.precision.endswith("-mixed"), s.strategy == "fsdp1"
-    b_s = s.micro_batch * s.seq_len
+    fsdp1 = s.strategy == "fsdp1"
     terms = [
         _term("weights", math.ceil(total * w / n_weights), f"all {total:,} params x {w} B / {n_weights}")
     ]
-    if mixed and c < w and not fsdp1:
+    if s.precision.endswith("-mixed") and c < w and not fsdp1:
         kept = a.layer_linears if s.gradient_checkpointing else a.llm_linears - a.head_linears
         scope = "one decoder layer (checkpointing)" if s.gradient_checkpointing else "every LLM Linear"
         note = f"autocast's {c}-byte casts kept for backward: {scope} + lm_head"
@@ -198,31 +226,21 @@ def estimate(setup: Setup, arch: Arch) -> dict:
     why = "every param of a unit holding a trainable one (FSDP1)" if fsdp1 else "trainable"
     terms.append(_term("gradients", math.ceil(grads * w / n_state), f"{why} x {w} B / {n_state}"))
     opt_note = f"AdamW: 2 moments x {w} B (the params' dtype) / {n_state}"
-    terms.append(_term("optimizer", math.ceil(trainable * 2 * w / n_state), opt_note))
-    view = PlanView(
-        trainable, w, c, n_state, s.micro_batch, s.seq_len, a.vocab, a.layers,
-        s.gradient_checkpointing, tuple(s.recipe.patterns), a.linears, s.task_samples, s.table_bytes,
-    )  # fmt: skip
-    for extra in strategy_terms(s, view):
-        if extra.replaces:
-            terms = [t for t in terms if t["name"] != extra.replaces]
-        per_node = s.devices if extra.where == "host" else 1  # host terms are per training process
-        terms.append(_term(extra.name, extra.nbytes * per_node, extra.note, extra.where))
-    sbh = b_s * a.hidden
-    full_layer = math.ceil(sbh * (34 + 5 * a.heads * s.seq_len / a.hidden) * c / 2)
-    acts = a.layers * sbh * c + full_layer if s.gradient_checkpointing else a.layers * full_layer
+    return terms + [_term("optimizer", math.ceil(trainable * 2 * w / n_state), opt_note)]
+
+
+def activation_terms(s: Setup, a: Arch, w: int, c: int) -> list[dict]:
+    """Decoder activations (Korthikanti et al., residual stream in r bytes) and the logits."""
+    b_s = s.micro_batch * s.seq_len
+    fsdp1_mixed = s.strategy == "fsdp1" and s.precision.endswith("-mixed")
+    sbh, r = b_s * a.hidden, c if fsdp1_mixed else w  # r: bytes of the residual stream
+    full_layer = math.ceil(sbh * (34 + 5 * a.heads * s.seq_len / a.hidden) * c / 2) + 2 * sbh * (r - c)
+    acts = a.layers * sbh * r + full_layer if s.gradient_checkpointing else a.layers * full_layer
     ckpt = "on: L saved inputs + one layer" if s.gradient_checkpointing else "off: L layers"
-    terms.append(_term("activations", acts, f"{c} B, checkpointing {ckpt} (Korthikanti et al.)"))
-    terms.append(_term("logits", b_s * a.vocab * (c + 4), f"b x s x V={a.vocab:,} x ({c} + 4 fp32) B"))
-    terms += sharding_terms(s, a, w, c, trainable)
-    terms += host_terms(s, a, terms)
-    return {
-        "terms": terms,
-        "gpu_total": sum(t["bytes"] for t in terms if t["where"] == "gpu"),
-        "host_total": sum(t["bytes"] for t in terms if t["where"] == "host"),
-        "weight_bytes": w,
-        "compute_bytes": c,
-    }
+    return [
+        _term("activations", acts, f"{c} B, residual {r} B; checkpointing {ckpt} (Korthikanti)"),
+        _term("logits", b_s * a.vocab * (c + 4), f"b x s x V={a.vocab:,} x ({c} + 4 fp32) B"),
+    ]
 
 
 def sharding_terms(s: Setup, a: Arch, w: int, c: int, trainable: int) -> list[dict]:
