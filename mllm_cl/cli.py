@@ -95,7 +95,7 @@ COMMANDS: dict[str, tuple[str | None, str]] = {
     "fit": (None, "train the whole task stream; writes the accuracy matrix, checkpoints, TensorBoard logs"),
     "validate": (None, "score a checkpoint (or the config's model) on every eval set"),
     "test": (None, "same as validate, through Lightning's test loop"),
-    "plan": ("mllm_cl.plan:main", "trainable parameters and memory per GPU of a setup, before you launch"),
+    "plan": ("mllm_cl.plan:main", "memory per GPU term by term, optimizer steps and evaluations of a run, before you launch"),
     "report": ("mllm_cl.report:main", "compare runs: tables, continual-learning measures, plots, report.md"),
     "export": ("mllm_cl.commands:export_main", "write a trained run as a Hugging Face checkpoint"),
     "cache": ("mllm_cl.commands:cache_main", "pre-build the processed-data caches of a fit config"),

@@ -1,96 +1,95 @@
-"""Plan a run before renting GPUs: trainable parameters per component and memory per GPU.
+"""Plan a run before renting GPUs: parameters per component, memory per GPU term by term, run size.
 
-``python -m mllm_cl plan --family llava --config mllm_cl/model_configs/llava-1.5-7b-hf.json \\
---recipe SAProj --gpus 8 --micro-batch 4 --seq-len 2048``
+Two forms::
 
-The real architecture is built from a ``config.json`` on the meta device (no weights, no memory, no
-download), the recipe is applied by canonical name exactly as `Recipe.setup` does, and memory is
-estimated per GPU. Bundled configs (`bundled_configs()`): each family's `Family.bundled_config`
-(``llava-1.5-7b-hf``, ``qwen2.5-vl-7b-instruct``, ``llava-onevision-qwen2-7b-ov-hf``).
+    python -m mllm_cl plan --config configs/llava_saproj.yaml [--config more.yaml] [--trainer.devices 8]
+    python -m mllm_cl plan --family llava --recipe SAProj --gpus 8 --micro-batch 4 --seq-len 2048
+
+The first reads a fit YAML (any ``--config`` stack and overrides, parsed by the same CLI as
+``fit``): family, checkpoint config, recipe, strategies, dtype, precision, micro-batch,
+accumulation, devices / nodes, DDP / FSDP1 / FSDP2, gradient checkpointing and ``max_length``, and
+adds the run's size (optimizer steps, generated evaluation answers, and with ``--step-time`` /
+``--gen-time`` the wall time). The second describes a setup by flags. Neither loads weights: the
+architecture is built on the meta device from a ``config.json`` (`mllm_cl.plan_arch`); the memory
+terms and their formulas are in `mllm_cl.plan_memory`, the fit-YAML reading in `mllm_cl.plan_run`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import math
 import sys
-from importlib import resources
-from pathlib import Path
 
-import torch
+from jsonargparse import ArgumentError
 
 import strategies
 from mllm_cl.errors import ConfigError, MllmClError
-from mllm_cl.families import COMPONENTS, FAMILIES, get_family
-from strategies.freeze import Patterns, Recipe
+from mllm_cl.families import FAMILIES, get_family
+from mllm_cl.guards import argument_line, one_line
+from mllm_cl.plan_arch import (  # noqa: F401  (bundled_configs, count_parameters: re-exported API)
+    arch_of,
+    build_meta_model,
+    bundled_configs,
+    checkpoint_config,
+    count_parameters,
+    load_config,
+    resolve_config_path,
+)
+from mllm_cl.plan_format import format_plan
+from mllm_cl.plan_memory import DTYPE_BYTES, GIB, Setup, estimate  # noqa: F401
+from mllm_cl.plan_run import (
+    build,
+    data_table_terms,
+    device_count,
+    parse_fit_args,
+    read_strategy,
+    read_tasks,
+    run_size,
+    table_bytes,
+    task_steps,
+)
+from strategies.freeze import Full, Patterns, Recipe
 
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-GIB = 1024**3
+
+@functools.lru_cache(maxsize=4)
+def _meta_model(family: str, path: str):
+    """The meta-device model of a config.json, built once per process (about a second for a 7B)."""
+    fam = get_family(family)
+    return build_meta_model(fam, load_config(fam, path))
 
 
-def bundled_configs() -> dict[str, Path]:
-    """Name (file stem) -> path of the config.json copies shipped in ``mllm_cl/model_configs``."""
-    root = resources.files("mllm_cl").joinpath("model_configs")
-    return {Path(f.name).stem: Path(str(f)) for f in root.iterdir() if f.name.endswith(".json")}
-
-
-def resolve_config_path(config_path: str) -> Path:
-    """A JSON file, a checkpoint directory holding ``config.json``, or a bundled config's name."""
-    path = Path(config_path)
-    if path.is_dir():
-        path = path / "config.json"
-    if path.is_file():
-        return path
-    bundled = bundled_configs()
-    if config_path.removesuffix(".json") in bundled:
-        return bundled[config_path.removesuffix(".json")]
-    raise ConfigError(
-        f"config {config_path!r} not found (a config.json, a folder holding one, or one of {sorted(bundled)})"
+def plan_setup(setup: Setup, config, label: str, model=None, path=None) -> dict:
+    """Parameter counts and memory terms of `setup` on the architecture of `config` (or `model`)."""
+    setup.check()
+    fam = get_family(
+        setup.family, {"processor_kwargs": setup.processor_kwargs} if setup.processor_kwargs else None
     )
-
-
-def load_config(family, config_path: str):
-    """The family's HF config class built from a config.json (transformers 5.x converts legacy rope keys)."""
-    path = resolve_config_path(config_path)
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from err
-    config_class = family.model_class.config_class
-    if data.get("model_type", config_class.model_type) != config_class.model_type:
-        raise ConfigError(
-            f"{path} is a {data['model_type']!r} config, family {family.name!r} needs {config_class.model_type!r}"
-        )
-    return config_class(**data)
-
-
-def build_meta_model(family, config):
-    """The real architecture with parameters on the meta device (shapes only)."""
-    with torch.device("meta"):
-        return family.model_class(config)
-
-
-def count_parameters(family, model, recipe: Recipe) -> dict[str, dict[str, int]]:
-    """component -> {"trainable", "total"}, plus "all"; trainable = `recipe.selects(canonical name)`."""
-    names = family.canonical_names(model)
-    recipe.resolve(names.values())  # patterns that depend on the model (LastLayers)
-    counts = {c: {"trainable": 0, "total": 0} for c in (*COMPONENTS, "all")}
-    for real, param in model.named_parameters():
-        canonical = names[real]
-        for key in (canonical.split(".", 1)[0], "all"):
-            counts[key]["total"] += param.numel()
-            if recipe.selects(canonical):
-                counts[key]["trainable"] += param.numel()
-    if counts["all"]["trainable"] == 0:
-        raise ConfigError(
-            f"recipe {type(recipe).__name__} (patterns {list(recipe.patterns)}) matches no parameter of {family.name}"
-        )
-    return counts
-
-
-def _shard(nbytes: int, num_gpus: int) -> int:
-    return math.ceil(nbytes / num_gpus)
+    if model is None:
+        model = _meta_model(fam.name, str(path)) if path is not None else build_meta_model(fam, config)
+    arch = arch_of(fam, config, model, setup.recipe, setup.processor_kwargs)
+    return {
+        "family": fam.name,
+        "config": label,
+        "config_path": None if path is None else str(path),  # None: a tiny model built in memory
+        "recipe": type(setup.recipe).__name__,
+        "patterns": list(setup.recipe.patterns),
+        "exclude": list(setup.recipe.exclude),
+        "strategies": [type(s).__name__ for s in setup.strategies],
+        "setup": {
+            k: getattr(setup, k)
+            for k in ("dtype", "precision", "micro_batch", "accumulate", "devices", "nodes", "strategy")
+        }
+        | {"seq_len": setup.seq_len, "gradient_checkpointing": setup.gradient_checkpointing},
+        "fsdp1": {
+            "sharding": setup.fsdp1_sharding,
+            "whole_model": setup.fsdp1_whole_model,
+            "cpu_offload": setup.cpu_offload,
+        },
+        "text": {"layers": arch.layers, "hidden": arch.hidden, "heads": arch.heads, "vocab": arch.vocab},
+        "params": arch.params,
+        "memory": estimate(setup, arch),
+    }
 
 
 def plan(
@@ -100,122 +99,98 @@ def plan(
     num_gpus: int = 1,
     micro_batch: int = 1,
     seq_len: int = 2048,
-    dtype: str = "bfloat16",
-    optimizer_bytes_per_param: int = 8,
-    master_weights: bool = False,
+    dtype: str = "float32",
+    precision: str = "bf16-mixed",
+    strategy: str | None = None,
     gradient_checkpointing: bool = True,
+    methods: list | None = None,
+    accumulate: int = 1,
+    nodes: int = 1,
 ) -> dict:
-    """Parameter counts and estimated memory per GPU (bytes) of one training setup.
+    """The plan of a setup given by arguments (the flag form); `methods` are Strategy objects.
 
-    Notation: P = all parameters, T = trainable parameters (canonical names selected by `recipe`),
-    N = `num_gpus`, d = bytes per element of `dtype` (2 for bf16/fp16), b = `micro_batch` (per GPU),
-    s = `seq_len` (text + image tokens), and from the text config L = decoder layers, h = hidden size,
-    a = attention heads, V = vocabulary size.
-
-    * weights     = P * d / N. FSDP full shard: every parameter, frozen ones included, is split over N.
-    * gradients   = T * d / N. Assumes FSDP2 (`fully_shard`, per-parameter DTensor sharding) or any
-      setup where frozen parameters get no gradient buffer; FSDP1 flat parameters mixing frozen and
-      trainable tensors pay gradients for the whole flat parameter (litgpt #1538).
-    * optimizer   = T * (`optimizer_bytes_per_param` + 4 if `master_weights`) / N. AdamW keeps two fp32
-      moments (8 bytes); `master_weights` adds an fp32 copy of the trainable parameters.
-    * activations (per GPU, not sharded: every rank runs its own micro-batch). Korthikanti et al. 2022
-      ("Reducing Activation Recomputation in Large Transformer Models") give one layer's activations as
-      s*b*h*(34 + 5*a*s/h) bytes for 16-bit activations; we scale it by d/2.
-        with gradient checkpointing:  L * s*b*h*d  (each layer's saved input)  +  one layer in full;
-        without:                       L * s*b*h*(34 + 5*a*s/h) * d/2.
-      The 5*a*s/h term is the materialised attention matrix; flash/SDPA kernels do not store it, so the
-      estimate is conservative there. It assumes a GPT 4h MLP (SwiGLU MLPs differ by a few s*b*h).
-    * logits      = b*s*V*(d + 4): the lm_head output in `dtype` plus the fp32 copy the loss upcasts to.
-    * total       = weights + gradients + optimizer + activations + logits.
-
-    Not counted: the vision tower's activations (its tokens are a few hundred per image), FSDP's
-    all-gathered unsharded layers (about two layers' weights), the CUDA context and caching-allocator
-    fragmentation (budget 2-4 GiB per GPU for them).
+    `strategy` defaults to "single" on one GPU and "fsdp2" (configs/trainer_fsdp_multigpu.yaml) on more.
     """
-    if num_gpus < 1 or micro_batch < 1 or seq_len < 1:
-        raise ConfigError("num_gpus, micro_batch and seq_len must be positive")
-    if dtype not in DTYPE_BYTES:
-        raise ConfigError(f"dtype {dtype!r} unknown; choose one of {sorted(DTYPE_BYTES)}")
     fam = get_family(family)
-    config = load_config(fam, config_path)
-    model = build_meta_model(fam, config)
-    params = count_parameters(fam, model, recipe)
+    setup = Setup(
+        family=fam.name, recipe=recipe, strategies=list(methods or []), dtype=dtype, precision=precision,
+        micro_batch=micro_batch, accumulate=accumulate, devices=num_gpus, nodes=nodes,
+        strategy=strategy or ("single" if num_gpus * nodes == 1 else "fsdp2"),
+        gradient_checkpointing=gradient_checkpointing, seq_len=seq_len,
+    )  # fmt: skip
+    path = resolve_config_path(config_path)
+    result = plan_setup(setup, load_config(fam, config_path), str(path), path=path)
+    result["setup"]["seq_from"] = "--seq-len"
+    return result
 
-    d = DTYPE_BYTES[dtype]
-    text = config.get_text_config()
-    layers, hidden, heads, vocab = (
-        text.num_hidden_layers,
-        text.hidden_size,
-        text.num_attention_heads,
-        text.vocab_size,
-    )
-    total, trainable = params["all"]["total"], params["all"]["trainable"]
-    sbh = seq_len * micro_batch * hidden
-    full_layer = math.ceil(sbh * (34 + 5 * heads * seq_len / hidden) * d / 2)
-    if gradient_checkpointing:
-        activations = layers * sbh * d + full_layer
-    else:
-        activations = layers * full_layer
-    memory = {
-        "weights": _shard(total * d, num_gpus),
-        "gradients": _shard(trainable * d, num_gpus),
-        "optimizer": _shard(trainable * (optimizer_bytes_per_param + 4 * master_weights), num_gpus),
-        "activations": activations,
-        "logits": micro_batch * seq_len * vocab * (d + 4),
-    }
-    memory["total"] = sum(memory.values())
-    return {
-        "family": fam.name,
-        "config": str(resolve_config_path(config_path)),
-        "recipe": type(recipe).__name__,
-        "patterns": list(recipe.patterns),
-        "exclude": list(recipe.exclude),
-        "num_gpus": num_gpus,
-        "micro_batch": micro_batch,
-        "seq_len": seq_len,
-        "dtype": dtype,
-        "optimizer_bytes_per_param": optimizer_bytes_per_param,
-        "master_weights": master_weights,
-        "gradient_checkpointing": gradient_checkpointing,
-        "text": {"layers": layers, "hidden": hidden, "heads": heads, "vocab": vocab},
-        "params": params,
-        "memory": memory,
+
+def memory(result: dict) -> dict[str, int]:
+    """name -> bytes of the GPU terms of a plan, plus "total"."""
+    terms = result["memory"]["terms"]
+    return {t["name"]: t["bytes"] for t in terms if t["where"] == "gpu"} | {
+        "total": result["memory"]["gpu_total"]
     }
 
 
-def format_plan(result: dict) -> str:
-    """A table of trainable / total parameters per component, then memory per GPU in GiB."""
-    r = result
-    lines = [
-        f"family {r['family']}  config {r['config']}",
-        f"recipe {r['recipe']}  patterns {r['patterns']}"
-        + (f"  exclude {r['exclude']}" if r["exclude"] else ""),
-        "",
-        f"{'component':<10} {'trainable':>15} {'total':>15} {'trainable %':>12}",
+# ---- the fit-YAML form ----------------------------------------------------------------------
+def _model_config(model, override: str | None):
+    """(HF config, a real tiny model or None, label, config.json path or None) of the run's model,
+    without loading weights."""
+    fam = get_family(model.family, model.family_options)
+    if override:
+        path = resolve_config_path(override)
+        return load_config(fam, override), None, str(path), path
+    if model.pretrained is None:
+        tiny, _ = fam.build_tiny(model.tiny, model.tiny_seed)
+        return tiny.config, tiny, f"tiny {model.tiny!r} model (random init, built in memory)", None
+    path = checkpoint_config(model.pretrained)
+    if path is None:
+        raise ConfigError(
+            f"model.pretrained {model.pretrained!r}: no config.json found (not a local folder, not a bundled "
+            "or cached hub checkpoint); pass --model-config CONFIG_JSON"
+        )
+    return load_config(fam, str(path)), None, f"{model.pretrained} -> {path}", path
+
+
+def plan_fit(fit_args: list[str], model_config=None, seq_len=None, step_time=None, gen_time=None) -> dict:
+    """The plan of the run `fit_args` describes (``--config`` stack and overrides)."""
+    cfg = parse_fit_args(fit_args)
+    model, trainer, data = cfg.model, cfg.trainer, cfg.data
+    notes: list[str] = []
+    devices, nodes = device_count(trainer.devices, notes), int(trainer.num_nodes or 1)
+    callbacks = [c for c in trainer.callbacks or [] if str(c.class_path).endswith(".WiSEFT")]
+    methods = build(list(model.strategies or [])) + build(callbacks)
+    accumulate = int(trainer.accumulate_grad_batches or 1)
+    tasks, evals = read_tasks(data)
+    task_steps(tasks, data.batch_size, devices * nodes, accumulate)
+    processor_kwargs = dict((model.family_options or {}).get("processor_kwargs") or {})
+    setup = Setup(
+        family=model.family, recipe=build(model.recipe) if model.recipe else Full(), strategies=methods,
+        dtype=model.dtype, precision=trainer.precision or "32-true", micro_batch=data.batch_size,
+        accumulate=accumulate, devices=devices, nodes=nodes, gradient_checkpointing=model.gradient_checkpointing,
+        seq_len=seq_len or data.max_length, num_workers=data.num_workers, processor_kwargs=processor_kwargs,
+        task_samples=[t["samples"] for t in tasks], host_terms=data_table_terms(tasks), table_bytes=table_bytes,
+        **read_strategy(trainer.strategy, devices * nodes),
+    )  # fmt: skip
+    config, tiny, label, path = _model_config(model, model_config)
+    result = plan_setup(setup, config, label, tiny, path)
+    if seq_len:
+        result["setup"]["seq_from"] = f"--seq-len; data.max_length is {data.max_length}"
+    result["run"] = run_size(tasks, evals, methods, devices * nodes, step_time, gen_time)
+    result["tasks"] = [
+        {"name": t["name"], "rows": t["size"].rows, "rows_text": t["size"].text(), "note": t["size"].note,
+         "steps": t["n_steps"], "samples": t["samples"]}
+        for t in tasks
+    ]  # fmt: skip
+    result["evals"] = [
+        {"name": e["name"], "rows": e["size"].rows, "rows_text": e["size"].text(), "note": e["size"].note}
+        for e in evals
     ]
-    for comp, c in r["params"].items():
-        pct = 100 * c["trainable"] / c["total"] if c["total"] else 0.0
-        lines.append(f"{comp:<10} {c['trainable']:>15,} {c['total']:>15,} {pct:>11.2f}%")
-    n, d = r["num_gpus"], DTYPE_BYTES[r["dtype"]]
-    opt = f"{r['optimizer_bytes_per_param']}" + (" + 4 master" if r["master_weights"] else "")
-    ckpt = "on" if r["gradient_checkpointing"] else "off"
-    notes = {
-        "weights": f"all params x {d} B / {n} (FSDP full shard)",
-        "gradients": f"trainable x {d} B / {n} (FSDP2: frozen params get none)",
-        "optimizer": f"trainable x ({opt}) B / {n}",
-        "activations": f"L={r['text']['layers']} decoder layers, checkpointing {ckpt} (Korthikanti et al.)",
-        "logits": f"b x s x V={r['text']['vocab']:,} x ({d} + 4 fp32) B",
-        "total": "excl. CUDA context, FSDP gather buffers, fragmentation",
-    }
-    lines += [
-        "",
-        f"memory per GPU: {n} GPU(s), micro-batch {r['micro_batch']}, seq {r['seq_len']}, {r['dtype']}",
-    ]
-    for key, nbytes in r["memory"].items():
-        lines.append(f"  {key:<12} {nbytes / GIB:>9.2f} GiB   {notes[key]}")
-    return "\n".join(lines)
+    result["notes"] = notes
+    return result
 
 
+# ---- command line ---------------------------------------------------------------------------
 class _UsageError(Exception):
     pass
 
@@ -249,9 +224,10 @@ def make_recipe(name: str | None, patterns: list[str] | None, exclude: list[str]
         raise ConfigError(f"recipe {name} needs arguments ({err}); use --patterns REGEX ... instead") from err
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m mllm_cl plan ...``: print the plan; returns 0, or 2 after a one-line error."""
-    p = _Parser(prog="mllm_cl plan", description="Trainable parameters and memory per GPU of a setup.")
+def _flag_form(argv: list[str]) -> dict:
+    p = _Parser(
+        prog="mllm_cl plan", description="Parameters and memory per GPU of a setup.", allow_abbrev=False
+    )
     p.add_argument("--family", required=True, help=f"one of {', '.join(FAMILIES)}")
     p.add_argument(
         "--config", help="config.json, a checkpoint folder, or a bundled name (default: by family)"
@@ -261,32 +237,73 @@ def main(argv: list[str] | None = None) -> int:
         "--patterns", nargs="+", metavar="REGEX", help="canonical-name regexes (a Patterns recipe)"
     )
     p.add_argument("--exclude", nargs="+", metavar="REGEX", help="regexes kept frozen")
-    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per node")
+    p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--accumulate", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32")
-    p.add_argument("--optimizer-bytes", type=int, default=8, help="optimizer state bytes per trainable param")
-    p.add_argument("--master-weights", action="store_true", help="fp32 master copy of trainable params")
+    p.add_argument(
+        "--dtype", default="float32", help="weights as loaded: float32 (default), bfloat16, float16"
+    )
+    p.add_argument("--precision", default="bf16-mixed", help="Lightning precision (default bf16-mixed)")
+    p.add_argument("--strategy", help="single, ddp, fsdp1 or fsdp2 (default: single on 1 GPU, else fsdp2)")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    try:
-        args = p.parse_args(sys.argv[1:] if argv is None else argv)
-        result = plan(
-            args.family,
-            args.config or get_family(args.family).bundled_config,
-            make_recipe(args.recipe, args.patterns, args.exclude),
-            num_gpus=args.gpus,
-            micro_batch=args.micro_batch,
-            seq_len=args.seq_len,
-            dtype=args.dtype,
-            optimizer_bytes_per_param=args.optimizer_bytes,
-            master_weights=args.master_weights,
-            gradient_checkpointing=not args.no_gradient_checkpointing,
+    args = p.parse_args(argv)
+    if args.config and args.config.endswith((".yaml", ".yml")):
+        raise ConfigError(
+            f"--config {args.config} is a fit YAML: drop --family and its flags to plan that run"
         )
-    except (_UsageError, MllmClError, ValueError, TypeError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    result = plan(
+        args.family, args.config or get_family(args.family).bundled_config,
+        make_recipe(args.recipe, args.patterns, args.exclude), num_gpus=args.gpus, micro_batch=args.micro_batch,
+        seq_len=args.seq_len, dtype=args.dtype, precision=args.precision, strategy=args.strategy,
+        gradient_checkpointing=not args.no_gradient_checkpointing, accumulate=args.accumulate, nodes=args.nodes,
+    )  # fmt: skip
+    return result | {"_json": args.json}
+
+
+def _fit_form(argv: list[str]) -> dict:
+    p = _Parser(prog="mllm_cl plan", add_help=False, allow_abbrev=False)
+    p.add_argument(
+        "--model-config", help="config.json of the checkpoint (default: read from model.pretrained)"
+    )
+    p.add_argument(
+        "--seq-len", type=int, help="tokens per sample for the estimate (default: data.max_length)"
+    )
+    p.add_argument("--step-time", type=float, help="seconds per optimizer step, for the wall time")
+    p.add_argument(
+        "--gen-time", type=float, help="seconds per generated answer on one GPU, for the wall time"
+    )
+    p.add_argument("--json", action="store_true")
+    args, fit_args = p.parse_known_args(argv)
+    result = plan_fit(fit_args, args.model_config, args.seq_len, args.step_time, args.gen_time)
+    return result | {"_json": args.json}
+
+
+USAGE = """usage: python -m mllm_cl plan --config FIT_YAML [--config ...] [--trainer.devices 8 ...]
+                                [--model-config CONFIG_JSON] [--seq-len N] [--step-time S] [--gen-time S] [--json]
+       python -m mllm_cl plan --family NAME (--recipe NAME | --patterns REGEX ...) [--gpus N] [--nodes N]
+                                [--micro-batch B] [--accumulate A] [--seq-len N] [--dtype D] [--precision P]
+                                [--strategy single|ddp|fsdp1|fsdp2] [--no-gradient-checkpointing] [--json]"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mllm_cl plan ...``: print the plan; returns 0, or 2 after a one-line error."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE + "\n\n" + __doc__.split("\n\n")[2])
+        return 0 if argv else 2
+    try:
+        result = _flag_form(argv) if "--family" in argv else _fit_form(argv)
+    except ArgumentError as err:
+        print(f"error: {argument_line(err)}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    except (_UsageError, MllmClError, ValueError, TypeError, OSError) as err:
+        print(f"error: {one_line(err) if isinstance(err, MllmClError) else err}", file=sys.stderr)
+        return 2
+    as_json = result.pop("_json")
+    print(json.dumps(result, indent=2, default=str) if as_json else format_plan(result))
     return 0
 
 

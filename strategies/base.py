@@ -13,12 +13,15 @@ Inspired by Avalanche's plugins. The LightningModule calls, in order:
   train on (default: `table` unchanged; data-hybrid and replay mix other samples in);
 - ``loss(module, batch, outputs)`` every training step: an extra loss term added to the CE, or None
   (Lightning callbacks cannot change the loss, so terms go through ``training_step``);
-- ``state_dict()`` / ``load_state_dict(state)``: saved in every checkpoint for an exact resume.
+- ``state_dict()`` / ``load_state_dict(state)``: saved in every checkpoint for an exact resume;
+- ``memory(plan)``: never called in training; ``python -m mllm_cl plan`` asks each method for the
+  memory it holds beyond the model, gradients and optimizer (see `MemoryTerm`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -26,6 +29,21 @@ import torch
 def trainable_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Detached copies of the trainable parameters (under FSDP2 each copy stays a local DTensor shard)."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class MemoryTerm(NamedTuple):
+    """One block of memory a method holds, as `memory(plan)` declares it to ``mllm_cl plan``.
+
+    ``nbytes`` is per GPU (``where="gpu"``) or per training process in host RAM (``where="host"``).
+    ``replaces`` names a base term this one stands in for: LoRA trains its adapters instead of the
+    recipe's weights, so its adapter gradients replace the plan's "gradients".
+    """
+
+    name: str
+    nbytes: int
+    note: str = ""
+    where: str = "gpu"
+    replaces: str | None = None
 
 
 class Strategy:
@@ -61,3 +79,11 @@ class Strategy:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned."""
+
+    def memory(self, plan) -> list[MemoryTerm]:
+        """Extra memory this method holds, for ``python -m mllm_cl plan`` (default: none).
+
+        `plan` (`mllm_cl.plan_memory.PlanView`) gives the trainable parameter count, element sizes,
+        sharding, batch shape and the model's Linear shapes; it is the only thing to read.
+        """
+        return []

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from mllm_cl.data.sources import Source
 from mllm_cl.data.tables import Subset
 from mllm_cl.errors import ConfigError
-from strategies.base import Strategy
+from strategies.base import MemoryTerm, Strategy
 
 
 class Composed(Sequence):
@@ -148,3 +148,20 @@ class DataHybrid(Strategy):
 
     def train_data(self, module, task: int, table: Sequence[dict]) -> Sequence[dict]:
         return self.mix(module.trainer.datamodule, task, table, task_samples(module, task))
+
+    def memory(self, plan) -> list[MemoryTerm]:
+        mixed = max((n or 0 for n in plan.task_samples), default=0)
+        terms = [
+            MemoryTerm(
+                "hybrid mixing table",
+                mixed * 120,  # a (source, index) tuple per sample, as Replay's references
+                "one reference per sample of the largest task (0 when its size is unknown)",
+                where="host",
+            )
+        ]
+        for k, source in enumerate(self.sources):  # loaded in full by every training process
+            nbytes, note = plan.table_bytes(source)
+            terms.append(
+                MemoryTerm(f"hybrid source {k}", nbytes, f"{source.describe()}: {note}", where="host")
+            )
+        return terms

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from mllm_cl.errors import ConfigError
-from strategies.base import Strategy
+from strategies.base import MemoryTerm, Strategy
 
 
 class L2Anchor(Strategy):
@@ -37,6 +37,16 @@ class L2Anchor(Strategy):
         params = dict(module.model.named_parameters())
         total = sum(((params[n] - a) ** 2).sum() for n, a in self.anchor.items())
         return 0.5 * self.lam * total
+
+    def memory(self, plan) -> list[MemoryTerm]:
+        copy = plan.sharded(plan.trainable * plan.weight_bytes)
+        return [
+            MemoryTerm("L2 anchor", copy, "a copy of the trainable weights, taken at each task start"),
+            # pow's backward keeps its input: every parameter's θ − θ_start lives until the backward.
+            MemoryTerm(
+                "L2 anchor differences", copy, "θ − θ_start of every trainable weight, kept for backward"
+            ),
+        ]
 
     def state_dict(self) -> dict:
         return {"anchor": self.anchor}

@@ -26,7 +26,7 @@ from peft.tuners.lora import LoraLayer
 
 from mllm_cl.errors import ConfigError
 from mllm_cl.sharding import is_dtensor
-from strategies.base import Strategy
+from strategies.base import MemoryTerm, Strategy
 
 
 def fresh_(weight: torch.Tensor, gen: torch.Generator) -> None:
@@ -112,6 +112,30 @@ class LoRA(Strategy):
                 fresh_(layer.lora_A["default"].weight, gen)
                 layer.lora_B["default"].weight.zero_()
                 self.merged[f"{name}.base_layer.weight"] = base
+
+    def memory(self, plan) -> list[MemoryTerm]:
+        shapes = plan.linear_shapes(self.patterns if self.patterns is not None else plan.recipe_patterns)
+        n = sum(self.r * (fan_out + fan_in) for fan_out, fan_in in shapes)
+        one = plan.sharded(n * plan.weight_bytes)  # adapters are made in their base weight's dtype
+        terms = [
+            MemoryTerm("LoRA adapters", one, f"{n:,} params: r {self.r} on {len(shapes)} Linear layers"),
+            MemoryTerm(
+                "LoRA gradients", one, "adapters only: the recipe's weights stay frozen", replaces="gradients"
+            ),
+            MemoryTerm(
+                "LoRA AdamW state", 2 * one, "two moments per adapter parameter", replaces="optimizer"
+            ),
+        ]
+        if self.dropout > 0:  # dropout(x) is a new tensor per target, kept for lora_A's backward
+            inputs = sum(fan_in for _, fan_in in shapes)
+            live = inputs // plan.layers if plan.gradient_checkpointing else inputs
+            note = "a dropped-out copy of each target's input (one layer at a time with checkpointing)"
+            terms.append(
+                MemoryTerm(
+                    "LoRA dropout inputs", plan.micro_batch * plan.seq_len * live * plan.compute_bytes, note
+                )
+            )
+        return terms
 
     def state_dict(self) -> dict:
         return {"merged": {n: w.detach().clone() for n, w in self.merged.items()}}

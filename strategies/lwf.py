@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from mllm_cl.data.collate import BOOKKEEPING_KEYS
 from mllm_cl.errors import ConfigError
-from strategies.base import Strategy, trainable_snapshot
+from strategies.base import MemoryTerm, Strategy, trainable_snapshot
 
 
 @torch.no_grad()
@@ -125,6 +125,21 @@ class LwF(Strategy):
             return outputs.logits.sum() * 0.0
         teacher = answer_logits(self.teacher_logits(module, batch), labels)
         return self.lam * distillation(student, teacher, self.temperature)
+
+    def memory(self, plan) -> list[MemoryTerm]:
+        teacher = plan.micro_batch * plan.seq_len * plan.vocab * plan.compute_bytes
+        return [
+            MemoryTerm(
+                "LwF teacher snapshot",
+                plan.sharded(plan.trainable * plan.weight_bytes),
+                "a copy of the trainable weights, taken at each task start",
+            ),
+            MemoryTerm(
+                "LwF teacher logits",
+                teacher,
+                "b x s x V of the no-grad teacher pass; the fp32 KL runs on answer tokens only",
+            ),
+        ]
 
     def state_dict(self) -> dict:
         return {"teacher": self.teacher, "empty_batches": self.empty_batches}

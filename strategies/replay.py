@@ -22,7 +22,7 @@ import random
 from collections.abc import Sequence
 
 from mllm_cl.errors import ConfigError
-from strategies.base import Strategy
+from strategies.base import MemoryTerm, Strategy
 from strategies.hybrid import Composed, check_ratios, compose, task_samples
 
 
@@ -92,6 +92,25 @@ class Replay(Strategy):
         return compose(
             [table, memory], [self.ratio], task_samples(module, task), self.seed * 1000 + 500 + task
         )
+
+    def memory(self, plan) -> list[MemoryTerm]:
+        # (task, index) tuples: a 2-tuple (56 B) + two ints (28 B) + the list slot (8 B) in CPython.
+        per_ref = 120
+        mixed = max((n or 0 for n in plan.task_samples), default=0)
+        return [
+            MemoryTerm(
+                "replay buffer",
+                self.size * per_ref,
+                f"{self.size:,} (task, index) references; the samples stay in the tasks' own tables",
+                where="host",
+            ),
+            MemoryTerm(
+                "replay mixing table",
+                mixed * per_ref,
+                "one reference per sample of the largest task (0 when its size is unknown)",
+                where="host",
+            ),
+        ]
 
     def state_dict(self) -> dict:
         return {
