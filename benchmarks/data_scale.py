@@ -266,8 +266,9 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 665_000])
     parser.add_argument("--root", default="/tmp/mllm_cl_data_scale", help="generated data and caches")
     parser.add_argument(
-        "--steps", nargs="+", default=["load", "loader", "fit"], choices=["load", "loader", "fit"]
-    )
+        "--steps", nargs="+", default=["load", "loader", "fit"], choices=["load", "loader", "build", "fit"],
+        help="build (not by default): the processed-data cache of the whole source",
+    )  # fmt: skip
     parser.add_argument("--loader-samples", type=int, default=1024)
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
