@@ -9,6 +9,8 @@ peak RSS is that step's alone):
 - loader: one training loader over the source (batch 8, 2 workers, tokenising on the fly) for
   --loader-samples samples: its rate, the epoch time that rate gives for N samples
   (extrapolated), and the peak USS of each worker (private memory, not the shared pages);
+- build (with --steps build): the processed-data cache of the whole source (tiny LLaVA encoder, 2
+  workers): samples/s and how much the process's peak RSS grows while building;
 - fit (cold / warm): a tiny-LLaVA fit with ``DataHybrid(ratios: [0.5])`` over the source,
   ``data.cache_processed: true``, a 20-step task of batch 8 (80 samples drawn from the source):
   seconds from process start to the end of the first training step, and the process's peak RSS.
@@ -185,7 +187,23 @@ def child_fit(args) -> dict:
     return {"first_step": step.first - started, "total": time.time() - started, "rss": peak_rss_mb()}
 
 
-CHILDREN = {"load": child_load, "loader": child_loader, "fit": child_fit}
+def child_build(args) -> dict:
+    from mllm_cl.data import LlavaJson  # noqa: PLC0415
+    from mllm_cl.data.cache import tokenized  # noqa: PLC0415
+    from mllm_cl.data.collate import Encoder  # noqa: PLC0415
+    from mllm_cl.families import get_family  # noqa: PLC0415
+
+    table = LlavaJson(args.path).load()
+    family = get_family("llava")
+    encoder = Encoder(family, family.tiny_processor("tiny"), 2048, "skip")
+    before = peak_rss_mb()
+    t0 = time.perf_counter()
+    cached = tokenized(table, encoder, Path(os.environ["MLLM_CL_CACHE"]) / "processed", num_workers=2)
+    seconds = time.perf_counter() - t0
+    return {"rate": len(cached) / seconds, "rss": peak_rss_mb(), "growth": peak_rss_mb() - before}
+
+
+CHILDREN = {"load": child_load, "loader": child_loader, "fit": child_fit, "build": child_build}
 
 
 def run_child(kind: str, path: Path, cache: Path, args, clear: bool) -> dict:
@@ -214,6 +232,9 @@ ROWS = [
     ("loader: peak worker USS (MB)", "loader", "uss"),
     ("  of which private dirty (MB)", "loader", "dirty"),
     ("loader: main RSS (MB)", "loader", "rss"),
+    ("build the whole source's processed cache: samples/s", "build", "rate"),
+    ("  its peak RSS (MB)", "build", "rss"),
+    ("  RSS growth while building (MB)", "build", "growth"),
     ("hybrid fit r 0.5, first run: first step (s)", "fit_cold", "first_step"),
     ("hybrid fit, first run: whole fit (s)", "fit_cold", "total"),
     ("hybrid fit, first run: peak RSS (MB)", "fit_cold", "rss"),
@@ -245,8 +266,9 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 665_000])
     parser.add_argument("--root", default="/tmp/mllm_cl_data_scale", help="generated data and caches")
     parser.add_argument(
-        "--steps", nargs="+", default=["load", "loader", "fit"], choices=["load", "loader", "fit"]
-    )
+        "--steps", nargs="+", default=["load", "loader", "fit"], choices=["load", "loader", "build", "fit"],
+        help="build (not by default): the processed-data cache of the whole source",
+    )  # fmt: skip
     parser.add_argument("--loader-samples", type=int, default=1024)
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
@@ -264,6 +286,9 @@ def main():
             res["load_warm"] = run_child("load", path, cache, args, clear=False)
         if "loader" in args.steps:
             res["loader"] = run_child("loader", path, cache, args, clear=False)
+        if "build" in args.steps:
+            run_child("load", path, cache, args, clear=True)  # the conversion is not part of it
+            res["build"] = run_child("build", path, cache, args, clear=False)
         if "fit" in args.steps:
             res["fit_cold"] = run_child("fit", path, cache, args, clear=True)
             res["fit_warm"] = run_child("fit", path, cache, args, clear=False)
