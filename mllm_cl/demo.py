@@ -27,6 +27,7 @@ import time
 import yaml
 
 from mllm_cl.report import compare, plot
+from mllm_cl.results import atomic_write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +44,7 @@ WISEFT_VALIDATION = {
         "callbacks": [],
         "logger": {
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-            "init_args": {"save_dir": "runs/demo", "name": "wiseft_val"},
+            "init_args": {"save_dir": "runs/demo", "name": "full+wiseft(val)"},
         },
     },
     "model": {
@@ -90,16 +91,17 @@ def _wait(procs: list[subprocess.Popen]) -> None:
             sys.exit(f"error: {' '.join(proc.args[1:])} failed; see its log in runs/demo/*.log")
 
 
-# (config name, table label); the first two always run, the rest with --strategies.
+# (config name, run name = the display name in TensorBoard and the report); the first two always
+# run, the rest with --strategies.
 _DEMOS = [
-    ("full", "Full"),
-    ("saproj", "SA Proj"),
-    ("gateup", "MLP Gate&Up"),
-    ("lwf", "Full + LwF"),
-    ("wiseft", "Full + WiSE-FT (α 0.5)"),
-    ("wiseft_val", "Full + WiSE-FT (α on validation)"),
-    ("hybrid", "Full + hybrid 25%"),
-    ("replay", "Full + replay 25%"),
+    ("full", "full"),
+    ("saproj", "saproj"),
+    ("gateup", "mlpgateup"),
+    ("lwf", "full+lwf"),
+    ("wiseft", "full+wiseft0.5"),
+    ("wiseft_val", "full+wiseft(val)"),
+    ("hybrid", "full+datahybrid"),
+    ("replay", "full+replay"),
 ]
 
 
@@ -121,11 +123,13 @@ def main(argv: list[str] | None = None) -> None:
     chosen = [*_DEMOS[:2], *(_DEMOS[2:] if args.strategies else [])]
     for pair in range(0, len(chosen), 2):  # two at a time, one thread each
         _wait([_fit(name, version, threads=1) for name, _ in chosen[pair : pair + 2]])
-    runs = [os.path.join("runs", "demo", name, version) for name, _ in chosen]
-    labels = [label for _, label in chosen]
-    print("\n" + compare(runs, names=labels))
-    paths = plot(runs, os.path.join("runs", "demo", "report"), names=labels)
-    print("plots: " + ", ".join(paths))
+    runs = [os.path.join("runs", "demo", run, version) for _, run in chosen]
+    text = compare(runs)
+    print("\n" + text)
+    out = os.path.join("runs", "demo", "report")
+    paths = plot(runs, out)
+    atomic_write(os.path.join(out, "report.md"), text)
+    print("report: " + ", ".join([os.path.join(out, "report.md"), *paths]))
     print(f"demo wall time: {time.time() - start:.0f} s; TensorBoard: tensorboard --logdir runs/demo")
 
 

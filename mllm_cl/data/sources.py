@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from mllm_cl.data.cache import digest
 from mllm_cl.data.llava import load_llava
+from mllm_cl.data.synthetic import synthetic_dataset
 from mllm_cl.data.tables import ImageRef, conversation_to_messages, last_answer, tokens_view
 from mllm_cl.errors import DataError
 
@@ -222,8 +223,6 @@ class Synthetic(HFDataset):
         self.object_size = tuple(object_size)
 
     def load(self):
-        from mllm_cl.data.synthetic import synthetic_dataset
-
         try:
             ds = synthetic_dataset(
                 self.skill,
