@@ -48,7 +48,7 @@ class WiSEFT(Callback):
     def __init__(self, alpha: float = 0.5, alphas: list[float] | None = None, criterion: str = "heldout"):
         grid = list(alphas) if alphas else [alpha]
         if any(not 0 <= a <= 1 for a in grid):
-            raise ConfigError(f"WiSEFT: alphas {grid} must lie in [0, 1]")
+            raise ConfigError(f"WiSEFT(alpha={alpha}, alphas={alphas}): every alpha must lie in [0, 1]")
         if criterion not in ("heldout", "avg"):
             raise ConfigError(f"WiSEFT(criterion={criterion!r}): use 'heldout' or 'avg'")
         self.alpha, self.alphas, self.criterion = alpha, grid, criterion

@@ -67,7 +67,8 @@ def earlier_run_dir(tmp: Path) -> Path:
 def run_cli(capsys, args: list[str]) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(args)
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err, run_cli.out = captured.err, captured.out  # stdout kept for tests that check what ran
     assert exit_info.value.code == 2, err[-2000:]
     assert "Traceback" not in err, err[-2000:]
     last = err.strip().splitlines()[-1]
@@ -94,15 +95,29 @@ def test_missing_image(tmp_path, capsys):
     expect_error(tmp_path, capsys, config(tmp_path, llava_json(data)), "train.json record 0", "nowhere.png")
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_truncated_png_is_named_even_from_a_worker(tmp_path, capsys, workers):
+def truncated_png_data(tmp_path) -> Path:
     records = [record(i) for i in range(4)]
     records[1]["image"] = "cut.png"
     data = write_record_file(tmp_path, records)
     Image.new("RGB", (32, 32), (1, 2, 3)).save(tmp_path / "whole.png")
     blob = (tmp_path / "whole.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(blob[: len(blob) // 2])  # header fine: PIL fails only on load
-    cfg = config(tmp_path, llava_json(data), data__num_workers=workers)
+    return data
+
+
+@pytest.mark.parametrize("mode", ["fast", "full"])
+def test_truncated_png_is_found_before_the_model_loads(tmp_path, capsys, mode):
+    cfg = config(tmp_path, llava_json(truncated_png_data(tmp_path)), data__validate=mode)
+    expect_error(tmp_path, capsys, cfg, "train.json record 1", "cut.png", "cannot be read")
+    assert "trainable / total parameters" not in run_cli.out  # no model was built
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_truncated_png_is_named_even_from_a_worker(tmp_path, capsys, workers):
+    # data.validate off: the image is only read while training (in a dataloader worker when workers=1).
+    cfg = config(
+        tmp_path, llava_json(truncated_png_data(tmp_path)), data__num_workers=workers, data__validate="off"
+    )
     expect_error(tmp_path, capsys, cfg, "cut.png", "record 1", in_training=True)
 
 
@@ -120,14 +135,8 @@ def test_conversation_without_answer(tmp_path, capsys):
 
 def test_wrong_number_of_image_placeholders(tmp_path, capsys):
     data = write_record_file(tmp_path, [record(0, question="<image>\n<image>\nWhat colour?")] * 2)
-    expect_error(
-        tmp_path,
-        capsys,
-        config(tmp_path, llava_json(data)),
-        "'s0'",
-        "2 <image> placeholders",
-        in_training=True,
-    )
+    cfg = config(tmp_path, llava_json(data))
+    expect_error(tmp_path, capsys, cfg, "train.json record 0", "'s0'", "2 <image> placeholders but 1 images")
 
 
 def test_overlength_error_names_the_sample(tmp_path, capsys):
@@ -213,13 +222,14 @@ def test_checkpoint_of_another_recipe(tmp_path, capsys):
     main(["fit", "--config", str(config(first, llava_json(data), model__recipe={"class_path": "Full"}))])
     (ckpt,) = (first / "runs" / "bad" / "fixed" / "checkpoints").glob("*.ckpt")
     assert torch.load(ckpt, weights_only=True)["mllm_cl_ckpt"]["recipe"] == "Full"
+    cfg = config(tmp_path, llava_json(data))
+    expect_error(tmp_path, capsys, cfg, "model.recipe.class_path", "Full' -> 'strategies.SAProj", "--force-resume",
+                 extra=["--ckpt_path", str(ckpt)])  # fmt: skip
+    # Forced past the config check, the checkpoint's own identity still refuses another recipe.
+    (tmp_path / "runs" / "bad" / "fixed" / "results.json").unlink()
+    (tmp_path / "runs" / "bad" / "fixed").rmdir()
     expect_error(
-        tmp_path,
-        capsys,
-        config(tmp_path, llava_json(data)),
-        "recipe Full",
-        "SAProj",
-        extra=["--ckpt_path", str(ckpt)],
+        tmp_path, capsys, cfg, "recipe Full", "SAProj", extra=["--ckpt_path", str(ckpt), "--force-resume"]
     )
 
 
