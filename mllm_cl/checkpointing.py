@@ -267,8 +267,17 @@ def on_load(module, checkpoint: dict, where: str = "checkpoint") -> None:
             )
     # Frozen parameters are absent on purpose; Lightning loads with strict=module.strict_loading.
     module.strict_loading = False
-    if info.get("rng"):
-        set_rng_state(info["rng"])
+    # Set at `restore_rng` (train start), not now: Lightning builds and iterates the train loader
+    # in between, and each DataLoader iterator draws its seed from the global RNG.
+    module.pending_rng = info.get("rng")
+
+
+def restore_rng(module) -> None:
+    """The checkpoint's RNG states, at train start: the random stream goes on as if never stopped."""
+    state = getattr(module, "pending_rng", None)
+    if state:
+        set_rng_state(state)
+    module.pending_rng = None
 
 
 def resume_offset(trainer) -> int:

@@ -109,6 +109,9 @@ class MllmCLI(LightningCLI):
             if self.run_dir is not None:
                 self.run_dir.remove_if_empty()  # a failed command leaves no empty version folder
             raise
+        finally:
+            if self.run_dir is not None:
+                self.run_dir.release()
 
 
 # One registry: every subcommand, where it lives and its one-line help. Lightning's subcommands run

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 
 from mllm_cl.families import Qwen25VLImageOnlyProcessor
+from mllm_cl.results import _umask
 from mllm_cl.sharding import is_dtensor, local_log_dir
 
 # Jinja equivalents of `Family.render` (HF's apply_chat_template), for processors that have none.
@@ -97,6 +98,11 @@ def export_hf(
     if isinstance(processor, Qwen25VLImageOnlyProcessor):
         # Tells Qwen25VLFamily.load_processor to rebuild the image-only processor (no torchvision).
         open(os.path.join(out_dir, "mllm_cl_image_only_processor"), "w").close()
+    # transformers writes model.safetensors 0600 (a temp file renamed); serving processes and other
+    # users must read it: the mode a plain `open` gives (0644 under the usual umask).
+    for folder, _, names in os.walk(out_dir):
+        for name in names:
+            os.chmod(os.path.join(folder, name), 0o666 & ~_umask())
     return out_dir
 
 

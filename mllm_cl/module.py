@@ -197,6 +197,7 @@ class MLLMModule(L.LightningModule):
         return self.trainer.datamodule
 
     def on_train_start(self):
+        checkpointing.restore_rng(self)  # resumed: the RNG as saved, after Lightning's loader set-up
         if self.results is None:
             self.results = StreamResults(
                 [t.name for t in self.stream.tasks], [h.name for h in self.stream.heldout]

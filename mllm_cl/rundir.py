@@ -259,6 +259,12 @@ class RunDir:
         self.existed = bool(path) and os.path.isdir(path)
         self.lock = None
 
+    def release(self) -> None:
+        """Drop the lock (the file stays: removing it could let two later fits lock two files)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
     def remove_if_empty(self) -> None:
         """After a failure: delete the folder this command created if nothing in it is worth keeping."""
         if rank_zero_only.rank != 0 or not self.path or self.existed or not os.path.isdir(self.path):

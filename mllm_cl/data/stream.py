@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mllm_cl.checkpointing import resume_offset
@@ -181,6 +182,12 @@ class TaskSampler(_RankLocal):
     def __len__(self):
         # The full length even when resuming: Lightning's restored batch counters count from the task's start.
         return self.num_samples
+
+
+def _own_generator() -> torch.Generator:
+    """A loader's own RNG for its workers' seeds: an iterator otherwise draws one from the global
+    RNG, and a resumed run creates loaders at other moments than an uninterrupted one."""
+    return torch.Generator().manual_seed(0)
 
 
 class TaskStream(L.LightningDataModule):
@@ -353,6 +360,7 @@ class TaskStream(L.LightningDataModule):
             collate_fn=self.encoder.collate,
             num_workers=self.num_workers,
             drop_last=False,
+            generator=_own_generator(),
         )
 
     # ---- evaluation -------------------------------------------------------------------------
@@ -368,6 +376,7 @@ class TaskStream(L.LightningDataModule):
             batch_size=col.eval_batch_size or self.eval_batch_size,
             collate_fn=self._collate_eval,
             num_workers=self.num_workers,
+            generator=_own_generator(),
         )
 
     def _collate_eval(self, items):
