@@ -6,7 +6,8 @@
   starts a new run then instead.
 - A resume is refused, in one line naming the differing keys, when the config differs from the
   run's in what it trains (``model.*``, ``data.*`` but the worker / cache options, the seed, the
-  trainer's accumulation / precision / clipping, the callbacks); ``--force-resume`` goes on anyway.
+  trainer's accumulation / precision / clipping, ``strategies.*`` callbacks such as WiSE-FT);
+  ``--force-resume`` goes on anyway.
 - ``validate`` / ``test`` write into the run directory of the checkpoint they score.
 - One ``fit`` at a time per run directory: rank 0 holds an exclusive lock on ``.fit.lock`` (the
   kernel drops it when the process dies, so a killed run never blocks its resume; the file names
@@ -141,7 +142,14 @@ def _say_resuming(subcommand: str, path: str, checkpoint: dict | None) -> None:
 # ---- the run's config --------------------------------------------------------------------------
 def run_config(section: dict) -> dict:
     """The part of a parsed fit config (as plain data) that decides what is trained."""
-    trainer = section.get("trainer") or {}
+    trainer = dict(section.get("trainer") or {})
+    callbacks = trainer.get("callbacks") or []
+    # Callbacks that change what is trained are our strategies (WiSE-FT); monitors and exporters
+    # may come and go between a run and its resume.
+    trainer["callbacks"] = [
+        c for c in (callbacks if isinstance(callbacks, list) else [callbacks])
+        if str((c or {}).get("class_path", "")).startswith("strategies.")
+    ]  # fmt: skip
     out = {
         "seed_everything": section.get("seed_everything"),
         "model": section.get("model"),

@@ -305,3 +305,75 @@ def test_overlength_is_counted_never_silent(tmp_path, capsys, policy):
 def test_yaml_class_path_and_init_arg_typos(tmp_path, capsys, mistake, key, what):
     last = expect_error(tmp_path, capsys, config(tmp_path, mistake), key, what)
     assert len(last) < 400
+
+
+@pytest.mark.parametrize(
+    ("over", "said"),
+    [
+        (
+            {"trainer__callbacks": [{"class_path": "WiSEFT", "init_args": {"alpha": 1.5}}]},
+            ("alpha=1.5", "[0, 1]"),
+        ),
+        (
+            {"model__strategies": [{"class_path": "LwF", "init_args": {"temperature": 0}}]},
+            ("temperature=0", "temperature > 0"),
+        ),
+    ],
+)
+def test_out_of_range_values_name_the_key_and_range(tmp_path, capsys, over, said):
+    """jsonargparse re-raises an __init__'s ConfigError as a ValueError (a 75-line traceback before)."""
+    data = write_record_file(tmp_path, [record(0)])
+    expect_error(tmp_path, capsys, config(tmp_path, llava_json(data), **over), *said)
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (["--model.recipe", "SAProjj"], ("model.recipe", "unknown class 'SAProjj'", "did you mean SAProj")),
+        (
+            ["--model.strategies", '[{"class_path": "LwF", "init_args": {"lamb": 1}}]'],
+            ("model.strategies", "LwF has no argument 'lamb'", "did you mean lam", "Valid: lam, temperature"),
+        ),
+    ],
+)
+def test_class_and_argument_typos_list_near_matches(tmp_path, capsys, extra, said):
+    data = write_record_file(tmp_path, [record(0)])
+    expect_error(tmp_path, capsys, config(tmp_path, llava_json(data)), *said, extra=extra)
+
+
+def test_unknown_metric_stops_before_the_model_is_built(tmp_path, capsys):
+    data = write_record_file(tmp_path, [record(0)])
+    cfg = config(tmp_path, llava_json(data))
+    over = yaml.safe_load(cfg.read_text())
+    over["data"]["tasks"][0].update(eval=llava_json(data), metric="exact_matc")
+    cfg.write_text(yaml.safe_dump(over))
+    expect_error(tmp_path, capsys, cfg, "eval set 't'", "exact_matc")
+    assert "trainable / total parameters" not in run_cli.out
+
+
+def test_truncated_jpeg_needs_full_validation(tmp_path, capsys):
+    """`fast` reads headers (a JPEG has no checksums to walk); `full` decodes and finds the cut."""
+    records = [record(i) for i in range(4)]
+    records[2]["image"] = "cut.jpg"
+    data = write_record_file(tmp_path, records)
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(tmp_path / "whole.jpg", quality=95)
+    blob = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(blob[: len(blob) // 2])
+    cfg = config(tmp_path, llava_json(data), data__validate="full")
+    expect_error(tmp_path, capsys, cfg, "train.json record 2", "cut.jpg", "cannot be read")
+    assert "trainable / total parameters" not in run_cli.out
+
+
+def test_answers_the_tokenizer_cannot_spell_stop_the_run(tmp_path, capsys):
+    data = write_record_file(tmp_path, [record(0, answer="qwxzy"), record(1)])
+    cfg = config(tmp_path, llava_json(data))
+    last = expect_error(tmp_path, capsys, cfg, "data.tasks[0].train (t)", "1 of 2 answers", "'qwxzy'")
+    assert "train.json record 0" in last and "data.max_unk_answers" in last
+
+
+def test_unknown_words_in_questions_are_counted_in_a_warning(tmp_path, capsys):
+    data = write_record_file(tmp_path, [record(0, question="<image>\nWhat colour is the qwxzy?"), record(1)])
+    main(["fit", "--config", str(config(tmp_path, llava_json(data)))])
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if "warning: data.tasks[0].train" in x]
+    assert "1 of 2 questions and 0 of 2 answers" in line and "'qwxzy'" in line, line
