@@ -351,17 +351,22 @@ def test_unknown_metric_stops_before_the_model_is_built(tmp_path, capsys):
     assert "trainable / total parameters" not in run_cli.out
 
 
-def test_truncated_jpeg_needs_full_validation(tmp_path, capsys):
-    """`fast` reads headers (a JPEG has no checksums to walk); `full` decodes and finds the cut."""
+@pytest.mark.parametrize("mode", ["fast", "full"])
+def test_truncated_jpeg_needs_full_validation(tmp_path, capsys, mode):
+    """`fast` reads headers (a JPEG has no checksums to walk), so the cut shows while training;
+    `full` decodes every image and stops before the model is built."""
+    import numpy as np
+
     records = [record(i) for i in range(4)]
     records[2]["image"] = "cut.jpg"
     data = write_record_file(tmp_path, records)
-    Image.new("RGB", (64, 64), (10, 200, 30)).save(tmp_path / "whole.jpg", quality=95)
+    noise = (np.random.default_rng(0).random((128, 128, 3)) * 255).astype("uint8")
+    Image.fromarray(noise).save(tmp_path / "whole.jpg", quality=95)
     blob = (tmp_path / "whole.jpg").read_bytes()
-    (tmp_path / "cut.jpg").write_bytes(blob[: len(blob) // 2])
-    cfg = config(tmp_path, llava_json(data), data__validate="full")
-    expect_error(tmp_path, capsys, cfg, "train.json record 2", "cut.jpg", "cannot be read")
-    assert "trainable / total parameters" not in run_cli.out
+    (tmp_path / "cut.jpg").write_bytes(blob[: len(blob) // 2])  # header whole, pixel data cut
+    cfg = config(tmp_path, llava_json(data), data__validate=mode)
+    expect_error(tmp_path, capsys, cfg, "record 2", "cut.jpg", in_training=mode == "fast")
+    assert ("trainable / total parameters" in run_cli.out) == (mode == "fast")
 
 
 def test_answers_the_tokenizer_cannot_spell_stop_the_run(tmp_path, capsys):

@@ -152,6 +152,7 @@ def finished(tmp_path_factory):
         (["--data.seed", "3"], "data.seed (0 -> 3)"),
         (["--model.recipe", "Full"], "model.recipe.class_path ('strategies.SAProj' -> 'strategies.Full')"),
         (["--model.lr", "0.1"], "model.lr (5e-06 -> 0.1)"),
+        (["--trainer.callbacks+=WiSEFT"], "trainer.callbacks (0 items -> 1 items)"),
     ],
 )
 def test_resume_with_another_config_is_refused_naming_the_keys(finished, capsys, change, named):
@@ -170,6 +171,21 @@ def test_resume_with_another_task_list_is_refused(finished, tmp_path, capsys):
     other.write_text(yaml.safe_dump(cfg))
     last = fails(capsys, ["fit", "--config", str(other), "--ckpt_path", "last"])
     assert "data.tasks ([t0, t1] -> [t0])" in last, last
+
+
+def test_resume_may_add_a_callback_that_trains_nothing(finished, capsys):
+    _, config = finished
+    main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--ckpt_path",
+            "last",
+            "--trainer.callbacks+=mllm_cl.export.ExportHF",
+        ]
+    )
+    assert "--ckpt_path last: resuming" in capsys.readouterr().out
 
 
 def test_force_resume_goes_on_with_the_new_config(finished, capsys):
