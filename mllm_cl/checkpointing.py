@@ -1,4 +1,4 @@
-"""What a checkpoint holds, and how a run continues from one.
+"""What a checkpoint holds, when it is written, and how a run continues from one.
 
 A checkpoint must let a killed run continue as if it had never stopped. Lightning already saves
 the loops (epoch = task position, batch progress), the optimizer and the LR scheduler (our
@@ -8,15 +8,26 @@ the loops (epoch = task position, batch progress), the optimizer and the LR sche
   the file still loads with ``torch.load(weights_only=True)``;
 - only the *trainable* parameters: frozen ones are rebuilt from `model.pretrained` (or the tiny
   seed), so a SAProj checkpoint of a 7B model is the size of its attention projections;
-- what the model was (family, recipe, trainable names) so a checkpoint from another run is
-  refused with one line instead of half-loading;
+- what the model was (family, recipe, trainable names) and the run's config, so a checkpoint from
+  another run is refused with one line instead of half-loading (`mllm_cl.rundir`);
 - how many micro-batches of the current task were consumed (`resume_offset`), so the seeded
   `TaskSampler` skips exactly those samples instead of restarting the task's data.
 
-Resuming: re-run the same command with ``--ckpt_path last`` (Lightning picks the newest
-``last.ckpt`` of the ModelCheckpoint callback). The run directory is the logger's
-``save_dir/name/version``: fix ``trainer.logger.init_args.version`` in the config so the resumed
-run writes into the same directory.
+When ``last.ckpt`` is written (the state machine of a task; each state resumes exactly):
+
+1. every ``checkpoint.every_n_train_steps`` inside the task ("mid-task"), except on the task's last
+   batch: Lightning resumes a checkpoint of the last batch by skipping the task's end altogether;
+2. at the very start of the task's end, before any task-end work ("trained": the trained weights,
+   the task's row not recorded yet). A resume from it redoes the task end (`finish_interrupted_task`),
+   so a kill during the merges or the post-task evaluation costs that evaluation, not the task;
+3. after the task-end work: callbacks' merges (WiSE-FT), strategies' ``on_task_end`` (LoRA merge),
+   the evaluation and the results files ("done"), whatever step checkpoints exist, so ``last.ckpt``
+   is the model of the matrix's last row.
+
+Every checkpoint file is written to a temporary file and renamed (`AtomicCheckpointIO`): a kill or
+a full disk during the write leaves the previous ``last.ckpt`` whole.
+
+Resuming: re-run the same command with ``--ckpt_path last`` (see `mllm_cl.rundir`).
 """
 
 from __future__ import annotations
@@ -24,30 +35,152 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-import warnings
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping, ModelCheckpoint, ProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from mllm_cl import faults
 from mllm_cl.errors import ConfigError
 
 _KEY = "mllm_cl_ckpt"
 
 
 class TaskCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that also writes ``last.ckpt`` at the end of every task (epoch).
+    """ModelCheckpoint that writes ``last.ckpt`` at every task's end, before and after its end work.
 
     Lightning makes `every_n_train_steps` and `every_n_epochs` mutually exclusive; a stream wants
-    both: periodic step checkpoints inside long tasks, and one at each task boundary.
+    both: periodic step checkpoints inside long tasks, and task-boundary ones (see the module doc).
     """
 
-    def on_train_epoch_end(self, trainer, pl_module):
-        super().on_train_epoch_end(trainer, pl_module)
-        # Lightning 2.6 writes last.ckpt at epoch end only when a top-k checkpoint was written at the
-        # same step; with save_top_k=0 (our default) that never happens, so write it here.
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if not any(isinstance(c, TaskTrained) for c in trainer.callbacks):
+            # First of all callbacks: its epoch-end hook runs before any other's (WiSE-FT's merge).
+            trainer.callbacks.insert(0, TaskTrained(self))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        faults.point("step")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            faults.point("last_step")
+            return  # the "trained" checkpoint follows at once (state 2); see the module doc
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def _skip(self, trainer) -> bool:
+        return bool(trainer.fast_dev_run) or trainer.state.fn != "fit" or trainer.sanity_checking
+
+    def save_trained(self, trainer) -> None:
+        """State 2: the task's trained weights, before its end work."""
+        if self.save_last and not self._skip(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        faults.point("task_trained")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        """State 3, after the module's task end (checkpoint callbacks run after the module)."""
+        self._last_global_step_saved = -1  # the "trained" save at this step must not suppress these
+        super().on_train_epoch_end(trainer, pl_module)  # per-epoch top-k (and last with it)
+        if self.save_last and not self._skip(trainer) and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        faults.point("task_done")
+
+
+class TaskTrained(Callback):
+    """Marks the task as trained and writes the "trained" checkpoint, first thing at a task's end.
+
+    Installed by `TaskCheckpoint` as the first callback; it is not a checkpoint callback itself so
+    that it runs before the other callbacks' ``on_train_epoch_end`` (Lightning calls checkpoint
+    callbacks after the LightningModule).
+    """
+
+    def __init__(self, checkpoint: TaskCheckpoint):
+        self.checkpoint = checkpoint
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if getattr(pl_module, "replaying_task_end", False):
+            return  # `finish_interrupted_task`: resumed from this very checkpoint
+        pl_module.task_trained = trainer.current_epoch
+        self.checkpoint.save_trained(trainer)
+
+
+def finish_interrupted_task(trainer, module) -> None:
+    """Redo the end of a task whose "trained" checkpoint we resumed from, then write its "done" one.
+
+    Lightning resumes such a checkpoint at the next task and never calls ``on_train_epoch_end``
+    again, so the task's end work is replayed here as Lightning runs it at a task's end (other
+    callbacks, the module, then checkpoint callbacks), with ``trainer.current_epoch`` set back to
+    that task meanwhile. Called from `MLLMModule.on_train_start`; for the stream's last task
+    `restore_progress` raised ``max_epochs`` so that the fit loop still starts (put back here).
+    """
+    task = module.task_trained
+    if task < 0 or len(module.results.rows) > task + 1 or trainer.state.fn != "fit":
+        return
+    if module.global_rank_zero():
+        print(f"[mllm_cl] task {task} ({module.stream.tasks[task].name}) was trained but its end was "
+              "interrupted: redoing its task-end work and evaluation")  # fmt: skip
+    progress = trainer.fit_loop.epoch_progress.current
+    saved, progress.completed = progress.completed, task
+    previous_fx, module._current_fx_name = module._current_fx_name, "on_train_epoch_end"
+    module.replaying_task_end = True
+    try:
+        for monitoring in (False, True):
+            if monitoring:
+                module.on_train_epoch_end()
+            for callback in trainer.callbacks:
+                if isinstance(callback, (Checkpoint, EarlyStopping)) == monitoring and not isinstance(
+                    callback, ProgressBar
+                ):
+                    callback.on_train_epoch_end(trainer, module)
+    finally:
+        module.replaying_task_end = False
+        module._current_fx_name = previous_fx
+        progress.completed = saved
+        trainer.fit_loop.max_epochs = len(module.stream.tasks)
+
+
+def restore_progress(module, state: dict) -> None:
+    """`task_trained` from a checkpoint; a "trained" checkpoint of the last task keeps the fit loop
+    from ending before `finish_interrupted_task` (its epochs are all done in Lightning's eyes)."""
+    module.task_trained = state.get("task_trained", -1)
+    rows = len((state.get("results") or {}).get("matrix") or [])
+    trainer = module._trainer
+    if trainer is None or trainer.state.fn != "fit" or not 0 <= module.task_trained == rows - 1:
+        return
+    if module.task_trained == len(trainer.datamodule.tasks) - 1:
+        trainer.fit_loop.max_epochs = len(trainer.datamodule.tasks) + 1
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """`torch.save` to a temporary file in the checkpoint's folder, fsync, then rename over the file.
+
+    (Lightning's own writer stages the file in the system temp dir and *copies* it when that is
+    another file system, so a kill during the copy leaves a truncated ``last.ckpt``.)
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = str(path)
+        if "://" in path:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        folder, name = os.path.split(os.path.abspath(path))
+        get_filesystem(folder).makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+        try:
+            with faults.writing(path):
+                with open(tmp, "wb") as fh:
+                    torch.save(checkpoint, fh)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                faults.point(f"write.{name}", path)
+                os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 # ---- RNG -------------------------------------------------------------------------------------
@@ -102,6 +235,8 @@ def on_save(module, checkpoint: dict) -> None:
         "trainable": sorted(keep),
         "frozen_dropped": len(frozen),
         "rng": rng_state(),
+        # The run's config as JSON text (set by the CLI): a resume with another config is refused.
+        **({"config": module.run_config} if getattr(module, "run_config", None) else {}),
     }
 
 
@@ -132,8 +267,17 @@ def on_load(module, checkpoint: dict, where: str = "checkpoint") -> None:
             )
     # Frozen parameters are absent on purpose; Lightning loads with strict=module.strict_loading.
     module.strict_loading = False
-    if info.get("rng"):
-        set_rng_state(info["rng"])
+    # Set at `restore_rng` (train start), not now: Lightning builds and iterates the train loader
+    # in between, and each DataLoader iterator draws its seed from the global RNG.
+    module.pending_rng = info.get("rng")
+
+
+def restore_rng(module) -> None:
+    """The checkpoint's RNG states, at train start: the random stream goes on as if never stopped."""
+    state = getattr(module, "pending_rng", None)
+    if state:
+        set_rng_state(state)
+    module.pending_rng = None
 
 
 def resume_offset(trainer) -> int:
@@ -144,16 +288,22 @@ def resume_offset(trainer) -> int:
     epoch loop fixes it up later, after the dataloader was built).
     """
     loop = trainer.fit_loop
-    if not loop.restarting:
+    epochs = loop.epoch_progress.current
+    # Inside a task only when its epoch started and did not finish: a checkpoint of a task's end
+    # (processed == started) resumes at the next task's first sample.
+    if not loop.restarting or epochs.started <= epochs.processed:
         return 0
     return int(loop.epoch_loop.batch_progress.current.processed)
 
 
 # ---- up-front checks (called by the CLI before fit) -----------------------------------------
-def check_ckpt_file(path: str | None) -> None:
-    """One-line error for a missing, corrupt or unsafe checkpoint file (before any training)."""
-    if not path or path in ("last", "best", "hpc", "registry"):
-        return
+def check_ckpt_file(path: str | None) -> dict | None:
+    """One-line error for a missing, corrupt or unsafe checkpoint file (before any training).
+
+    Returns the checkpoint, memory-mapped (tensors stay on disk), or None for no / a symbolic path.
+    """
+    if not path or path in ("last", "last_or_new", "best", "hpc", "registry"):
+        return None
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "meta.pt")):
         path = os.path.join(path, "meta.pt")  # FSDP2 distributed checkpoint: check its metadata file
     if not os.path.isfile(path):
@@ -170,58 +320,4 @@ def check_ckpt_file(path: str | None) -> None:
         raise ConfigError(
             f"--ckpt_path {path}: not an mllm_cl training checkpoint; pass a .ckpt written by `fit`"
         )
-
-
-def check_writable(folder: str, what: str) -> None:
-    """One-line error when `folder` cannot be created or written (before any training)."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise ConfigError(
-            f"{what}={folder}: cannot write there ({err.strerror or err}); choose a writable directory"
-        ) from err
-
-
-def prepare_fit(trainer, fit_args: dict) -> None:
-    """Before `fit` (LightningCLI.before_fit): safe loading, the run directory, and up-front checks.
-
-    - ``weights_only`` defaults to True: a checkpoint can hold no code (ours hold tensors and
-      plain containers only);
-    - with ``--ckpt_path last`` and no fixed ``trainer.logger.init_args.version``, the run
-      continues in the newest existing version directory instead of opening a new one;
-    - a bad checkpoint file or an unwritable log directory fails here, in one line.
-    """
-    if fit_args.get("weights_only") is None:
-        fit_args["weights_only"] = True
-    ckpt_path = fit_args.get("ckpt_path")
-    logger = trainer.logger
-    if ckpt_path == "last" and logger is not None and getattr(logger, "_version", 0) is None:
-        latest = _latest_version(logger)
-        if latest is not None:
-            logger._version = latest
-    check_ckpt_file(ckpt_path)
-    if ckpt_path:
-        # Lightning warns that a plain DataLoader cannot resume mid-epoch; ours can: TaskSampler
-        # skips the micro-batches already trained (resume_offset), which test_resume checks.
-        warnings.filterwarnings(
-            "ignore", message="You're resuming from a checkpoint that ended before the epoch"
-        )
-    if logger is not None and getattr(logger, "save_dir", None):
-        check_writable(logger.save_dir, "trainer.logger.init_args.save_dir")
-    else:
-        check_writable(trainer.default_root_dir, "trainer.default_root_dir")
-
-
-def _latest_version(logger) -> int | None:
-    """Newest ``version_N`` under the logger's root dir (TensorBoardLogger / CSVLogger layout)."""
-    root = getattr(logger, "root_dir", None)
-    if not root or not os.path.isdir(root):
-        return None
-    versions = [
-        int(d.split("_", 1)[1])
-        for d in os.listdir(root)
-        if d.startswith("version_") and d.split("_", 1)[1].isdigit()
-    ]
-    return max(versions) if versions else None
+    return checkpoint

@@ -8,6 +8,7 @@ Importing `strategies` here is what lets YAML name strategy classes by short nam
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import sys
@@ -15,6 +16,7 @@ import warnings
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import yaml  # noqa: E402
 from jsonargparse import ArgumentError, namespace_to_dict  # noqa: E402
 from lightning.pytorch.callbacks import LearningRateMonitor  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
@@ -22,12 +24,13 @@ from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
 import mllm_cl.data.benchmarks  # noqa: E402,F401  (sources nameable by short class name in YAML,
 import strategies  # noqa: E402,F401  as strategy classes are: `class_path: Benchmark`, `class_path: SAProj`)
-from mllm_cl.checkpointing import TaskCheckpoint, check_ckpt_file, prepare_fit  # noqa: E402
+from mllm_cl import rundir  # noqa: E402
+from mllm_cl.checkpointing import TaskCheckpoint, check_ckpt_file  # noqa: E402
 from mllm_cl.data.stream import TaskStream  # noqa: E402
-from mllm_cl.errors import MllmClError  # noqa: E402
-from mllm_cl.guards import argument_line, one_line  # noqa: E402
+from mllm_cl.guards import argument_line, one_line, user_error  # noqa: E402
 from mllm_cl.module import MLLMModule  # noqa: E402
 from mllm_cl.results import method_name  # noqa: E402
+from mllm_cl.sharding import local_log_dir  # noqa: E402
 
 DEFAULT_RUN_NAME = (
     "mllm_cl"  # replaced by the method's name (e.g. saproj+lwf) unless the config names the run
@@ -35,9 +38,22 @@ DEFAULT_RUN_NAME = (
 
 
 class MllmCLI(LightningCLI):
-    """LightningCLI with the toolkit's defaults: TensorBoard logs under runs/, one row per task."""
+    """LightningCLI with the toolkit's defaults: TensorBoard logs under runs/, one row per task.
+
+    ``--ckpt_path last`` continues the newest run directory holding a checkpoint and stops with one
+    line when there is none (``last_or_new`` starts a new run then); a resume whose config trains
+    something else is refused unless ``--force-resume`` (see `mllm_cl.rundir`).
+    """
+
+    config_json: str | None = None
+    run_dir: rundir.RunDir | None = None
 
     def add_arguments_to_parser(self, parser):
+        parser.add_argument(
+            "--force-resume",
+            action="store_true",
+            help="resume --ckpt_path even when the config differs from the run's (the differing keys are printed)",
+        )
         # `checkpoint.*`: last.ckpt at every task end (and every_n_train_steps) for `--ckpt_path last`.
         parser.add_lightning_class_args(TaskCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
@@ -64,9 +80,32 @@ class MllmCLI(LightningCLI):
         return parser
 
     def _parse_ckpt_path(self):
-        # Lightning reads hyperparameters from --ckpt_path while parsing: refuse a bad file in one line first.
-        check_ckpt_file(self.config.get(self.config.get("subcommand") or "", {}).get("ckpt_path"))
-        super()._parse_ckpt_path()
+        """Resolve ``last``, refuse a bad file or (fit) another config in one line, before anything loads."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        section = self.config[subcommand]
+        path = rundir.resolve_ckpt_path(section, subcommand)
+        checkpoint = check_ckpt_file(path)
+        if subcommand != "fit":
+            super()._parse_ckpt_path()  # validate / test: the model's hyperparameters from the checkpoint
+            return
+        plain = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))
+        current = rundir.run_config(plain[subcommand])
+        self.config_json = json.dumps(current, sort_keys=True)
+        if path:
+            rundir.check_same_config(checkpoint, current, path, bool(section.get("force_resume")))
+        # No merge of the checkpoint's hyperparameters into the config (Lightning's default): the
+        # config was just checked against the run's, and with --force-resume the new one applies.
+
+    def instantiate_trainer(self, **kwargs):
+        if self.config.get("subcommand") in ("validate", "test"):
+            # They write into the scored run's directory: keep that run's config.yaml.
+            self.save_config_kwargs = {
+                **self.save_config_kwargs,
+                "config_filename": f"config_{self.subcommand}.yaml",
+            }
+        return super().instantiate_trainer(**kwargs)
 
     def before_instantiate_classes(self):
         config = self.config.get(self.subcommand) if self.subcommand else self.config
@@ -84,8 +123,25 @@ class MllmCLI(LightningCLI):
                 logger._kwargs.setdefault("flush_secs", 30)
         if not any(isinstance(cb, LearningRateMonitor) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
-        # Safe loading, run-dir policy on resume, one-line checks before training (mllm_cl.checkpointing).
-        prepare_fit(self.trainer, self.config_init["fit"])
+        # Safe loading, one-line checks, the run directory's lock (mllm_cl.rundir).
+        self.run_dir = rundir.RunDir(local_log_dir(self.trainer))
+        rundir.prepare_fit(self.trainer, self.model, self.config_init["fit"], self.config_json, self.run_dir)
+
+    def before_validate(self):
+        self.run_dir = rundir.RunDir(local_log_dir(self.trainer))
+
+    before_test = before_validate
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except Exception:
+            if self.run_dir is not None:
+                self.run_dir.remove_if_empty()  # a failed command leaves no empty version folder
+            raise
+        finally:
+            if self.run_dir is not None:
+                self.run_dir.release()
 
 
 # One registry: every subcommand, where it lives and its one-line help. Lightning's subcommands run
@@ -95,7 +151,10 @@ COMMANDS: dict[str, tuple[str | None, str]] = {
     "fit": (None, "train the whole task stream; writes the accuracy matrix, checkpoints, TensorBoard logs"),
     "validate": (None, "score a checkpoint (or the config's model) on every eval set"),
     "test": (None, "same as validate, through Lightning's test loop"),
-    "plan": ("mllm_cl.plan:main", "memory per GPU term by term, optimizer steps and evaluations of a run, before you launch"),
+    "plan": (
+        "mllm_cl.plan:main",
+        "memory per GPU term by term, optimizer steps and evaluations of a run, before you launch",
+    ),
     "report": ("mllm_cl.report:main", "compare runs: tables, continual-learning measures, plots, report.md"),
     "export": ("mllm_cl.commands:export_main", "write a trained run as a Hugging Face checkpoint"),
     "cache": ("mllm_cl.commands:cache_main", "pre-build the processed-data caches of a fit config"),
@@ -144,7 +203,9 @@ def _command(target: str):
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``python -m mllm_cl`` and ``mllm-cl``: one error policy for every subcommand.
 
-    A `MllmClError` or a config-parsing error prints one ``error: ...`` line and exits 2.
+    A `MllmClError` (also when a library re-raised it as another exception, as jsonargparse does
+    for errors in `__init__`), a full disk, or a config-parsing error prints one ``error: ...`` line
+    and exits 2.
     """
     argv = sys.argv[1:] if args is None else list(args)
     if not argv or argv[0] in ("-h", "--help"):
@@ -158,10 +219,14 @@ def main(args: list[str] | None = None) -> None:
         # args=None when argv is the real command line: LightningCLI warns when given both.
         cli_args = None if args is None else argv
         MllmCLI(MLLMModule, TaskStream, args=cli_args, save_config_kwargs={"overwrite": True})
-    except (MllmClError, ArgumentError) as err:
-        print(
-            f"error: {one_line(err) if isinstance(err, MllmClError) else argument_line(err)}", file=sys.stderr
-        )
+    except ArgumentError as err:
+        print(f"error: {argument_line(err)}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:
+        inner = user_error(err)
+        if inner is None:
+            raise
+        print(f"error: {one_line(inner)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 
 from mllm_cl.families import EXPORT_RECORD, Family, get_family
+from mllm_cl.results import _umask
 from mllm_cl.sharding import is_dtensor, local_log_dir
 
 
@@ -81,6 +82,11 @@ def export_hf(
         record = fam.export_record(processor, with_system_prompt=isinstance(family, Family))
         with open(os.path.join(out_dir, EXPORT_RECORD), "w") as f:
             json.dump(record, f, indent=2)
+    # transformers writes model.safetensors 0600 (a temp file renamed); serving processes and other
+    # users must read it: the mode a plain `open` gives (0644 under the usual umask).
+    for folder, _, names in os.walk(out_dir):
+        for name in names:
+            os.chmod(os.path.join(folder, name), 0o666 & ~_umask())
     return out_dir
 
 

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from mllm_cl import board, checkpointing, curve, evaluation, generation
+from mllm_cl import board, checkpointing, curve, evaluation, faults, generation
 from mllm_cl.data.collate import BOOKKEEPING_KEYS
 from mllm_cl.families import get_family
 from mllm_cl.guards import (
@@ -107,6 +107,9 @@ class MLLMModule(L.LightningModule):
         self.model = None
         self.results: StreamResults | None = None
         self.task_started = -1  # index of the last task whose start hooks ran (resume-safe)
+        self.task_trained = -1  # index of the last task whose steps all ran (its end may be pending)
+        self.replaying_task_end = False  # True while a resumed run redoes an interrupted task end
+        self.run_config: str | None = None  # the run's config (JSON, set by the CLI), kept in checkpoints
         self.param_counts: dict[str, dict[str, int]] = {}
         # Checkpoints leave frozen weights out (they come from the config / pretrained path), so every
         # loader, including the strategies' own (FSDP full checkpoints), must load non-strictly.
@@ -214,6 +217,7 @@ class MLLMModule(L.LightningModule):
         return self.trainer.datamodule
 
     def on_train_start(self):
+        checkpointing.restore_rng(self)  # resumed: the RNG as saved, after Lightning's loader set-up
         if self.results is None:
             self.results = StreamResults(
                 [t.name for t in self.stream.tasks], [h.name for h in self.stream.heldout]
@@ -223,6 +227,8 @@ class MLLMModule(L.LightningModule):
         self._write_run_info()
         if not self.results.rows:
             self._evaluate_row("base")
+        # Resumed from a task's "trained" checkpoint: its end (merges, evaluation) comes first.
+        checkpointing.finish_interrupted_task(self.trainer, self)
 
     def on_train_epoch_start(self):
         task = self.current_epoch
@@ -244,15 +250,19 @@ class MLLMModule(L.LightningModule):
         task = self.current_epoch
         if len(self.results.rows) > task + 1:
             return  # this task's row was already recorded before a resume
+        faults.point("task_end")  # callbacks' task-end work (WiSE-FT merge) done, in memory only
         print_length_summary(self, task)
         for strategy in self.all_strategies:
             strategy.on_task_end(self, task)
+            faults.point("strategy_end")
         for strategy in self.all_strategies:
             strategy.before_evaluation(self, task)  # e.g. WiSE-FT's merge: the row scores its result
+            faults.point("strategy_end")
         self._evaluate_row(self.stream.tasks[task].name)
 
     def _evaluate_row(self, label: str):
         results = self.evaluate_all()
+        faults.point("evaluated")
         accuracies = {name: r.value for name, r in results.items()}
         self.results.add_row(label, accuracies, {n: r.parts for n, r in results.items() if r.parts})
         row = len(self.results.rows) - 1
@@ -346,6 +356,7 @@ class MLLMModule(L.LightningModule):
         checkpoint["mllm_cl"] = {
             "results": self.results.to_dict() if self.results else None,
             "task_started": self.task_started,
+            "task_trained": self.task_trained,
             "strategies": [s.state_dict() for s in self.all_strategies],
             "length_counts": length_counts(self),
         }
@@ -357,6 +368,7 @@ class MLLMModule(L.LightningModule):
         if state.get("results"):
             self.results = StreamResults.from_dict(state["results"])
         self.task_started = state.get("task_started", -1)
+        checkpointing.restore_progress(self, state)  # task_trained: is a task end pending?
         restore_length_counts(self, state.get("length_counts"))
         for strategy, s_state in zip(self.all_strategies, state.get("strategies", []), strict=False):
             strategy.load_state_dict(s_state)

@@ -16,6 +16,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
+from mllm_cl import faults
 from mllm_cl.continual import per_row_summary, summarize
 
 
@@ -35,12 +36,14 @@ def atomic_write(path: str, text: str) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with faults.writing(path):  # a full disk: one line naming the file, the old file kept
+            os.fchmod(fd, 0o666 & ~_umask())
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            faults.point(f"write.{os.path.basename(path)}", path)
+            os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -80,7 +80,7 @@ class WiSEFT(Strategy, Callback):
     ):
         grid = list(alphas) if alphas else [alpha]
         if any(not 0 <= a <= 1 for a in grid):
-            raise ConfigError(f"WiSEFT: alphas {grid} must lie in [0, 1]")
+            raise ConfigError(f"WiSEFT(alpha={alpha}, alphas={alphas}): every alpha must lie in [0, 1]")
         if criterion not in ("heldout", "avg"):
             raise ConfigError(f"WiSEFT(criterion={criterion!r}): use 'heldout' or 'avg'")
         if reference not in ("task_start", "base"):

@@ -69,7 +69,8 @@ def earlier_run_dir(tmp: Path) -> Path:
 def run_cli(capsys, args: list[str]) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(args)
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err, run_cli.out = captured.err, captured.out  # stdout kept for tests that check what ran
     assert exit_info.value.code == 2, err[-2000:]
     assert "Traceback" not in err, err[-2000:]
     last = err.strip().splitlines()[-1]
@@ -96,15 +97,29 @@ def test_missing_image(tmp_path, capsys):
     expect_error(tmp_path, capsys, config(tmp_path, llava_json(data)), "train.json record 0", "nowhere.png")
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_truncated_png_is_named_even_from_a_worker(tmp_path, capsys, workers):
+def truncated_png_data(tmp_path) -> Path:
     records = [record(i) for i in range(4)]
     records[1]["image"] = "cut.png"
     data = write_record_file(tmp_path, records)
     Image.new("RGB", (32, 32), (1, 2, 3)).save(tmp_path / "whole.png")
     blob = (tmp_path / "whole.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(blob[: len(blob) // 2])  # header fine: PIL fails only on load
-    cfg = config(tmp_path, llava_json(data), data__num_workers=workers)
+    return data
+
+
+@pytest.mark.parametrize("mode", ["fast", "full"])
+def test_truncated_png_is_found_before_the_model_loads(tmp_path, capsys, mode):
+    cfg = config(tmp_path, llava_json(truncated_png_data(tmp_path)), data__validate=mode)
+    expect_error(tmp_path, capsys, cfg, "train.json record 1", "cut.png", "cannot be read")
+    assert "trainable / total parameters" not in run_cli.out  # no model was built
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_truncated_png_is_named_even_from_a_worker(tmp_path, capsys, workers):
+    # data.validate off: the image is only read while training (in a dataloader worker when workers=1).
+    cfg = config(
+        tmp_path, llava_json(truncated_png_data(tmp_path)), data__num_workers=workers, data__validate="off"
+    )
     expect_error(tmp_path, capsys, cfg, "cut.png", "record 1", in_training=True)
 
 
@@ -122,14 +137,8 @@ def test_conversation_without_answer(tmp_path, capsys):
 
 def test_wrong_number_of_image_placeholders(tmp_path, capsys):
     data = write_record_file(tmp_path, [record(0, question="<image>\n<image>\nWhat colour?")] * 2)
-    expect_error(
-        tmp_path,
-        capsys,
-        config(tmp_path, llava_json(data)),
-        "'s0'",
-        "2 <image> placeholders",
-        in_training=True,
-    )
+    cfg = config(tmp_path, llava_json(data))
+    expect_error(tmp_path, capsys, cfg, "train.json record 0", "'s0'", "2 <image> placeholders but 1 images")
 
 
 def test_overlength_error_names_the_sample(tmp_path, capsys):
@@ -262,13 +271,14 @@ def test_checkpoint_of_another_recipe(tmp_path, capsys):
     main(["fit", "--config", str(config(first, llava_json(data), model__recipe={"class_path": "Full"}))])
     (ckpt,) = (first / "runs" / "bad" / "fixed" / "checkpoints").glob("*.ckpt")
     assert torch.load(ckpt, weights_only=True)["mllm_cl_ckpt"]["recipe"] == "Full"
+    cfg = config(tmp_path, llava_json(data))
+    expect_error(tmp_path, capsys, cfg, "model.recipe.class_path", "Full' -> 'strategies.SAProj", "--force-resume",
+                 extra=["--ckpt_path", str(ckpt)])  # fmt: skip
+    # Forced past the config check, the checkpoint's own identity still refuses another recipe.
+    (tmp_path / "runs" / "bad" / "fixed" / "results.json").unlink()
+    (tmp_path / "runs" / "bad" / "fixed").rmdir()
     expect_error(
-        tmp_path,
-        capsys,
-        config(tmp_path, llava_json(data)),
-        "recipe Full",
-        "SAProj",
-        extra=["--ckpt_path", str(ckpt)],
+        tmp_path, capsys, cfg, "recipe Full", "SAProj", extra=["--ckpt_path", str(ckpt), "--force-resume"]
     )
 
 
@@ -344,3 +354,80 @@ def test_overlength_is_counted_never_silent(tmp_path, capsys, policy):
 def test_yaml_class_path_and_init_arg_typos(tmp_path, capsys, mistake, key, what):
     last = expect_error(tmp_path, capsys, config(tmp_path, mistake), key, what)
     assert len(last) < 400
+
+
+@pytest.mark.parametrize(
+    ("over", "said"),
+    [
+        (
+            {"trainer__callbacks": [{"class_path": "WiSEFT", "init_args": {"alpha": 1.5}}]},
+            ("alpha=1.5", "[0, 1]"),
+        ),
+        (
+            {"model__strategies": [{"class_path": "LwF", "init_args": {"temperature": 0}}]},
+            ("temperature=0", "temperature > 0"),
+        ),
+    ],
+)
+def test_out_of_range_values_name_the_key_and_range(tmp_path, capsys, over, said):
+    """jsonargparse re-raises an __init__'s ConfigError as a ValueError (a 75-line traceback before)."""
+    data = write_record_file(tmp_path, [record(0)])
+    expect_error(tmp_path, capsys, config(tmp_path, llava_json(data), **over), *said)
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (["--model.recipe", "SAProjj"], ("model.recipe", "unknown class 'SAProjj'", "did you mean SAProj")),
+        (
+            ["--model.strategies", '[{"class_path": "LwF", "init_args": {"lamb": 1}}]'],
+            ("model.strategies", "LwF has no argument 'lamb'", "did you mean lam", "Valid: lam, temperature"),
+        ),
+    ],
+)
+def test_class_and_argument_typos_list_near_matches(tmp_path, capsys, extra, said):
+    data = write_record_file(tmp_path, [record(0)])
+    expect_error(tmp_path, capsys, config(tmp_path, llava_json(data)), *said, extra=extra)
+
+
+def test_unknown_metric_stops_before_the_model_is_built(tmp_path, capsys):
+    data = write_record_file(tmp_path, [record(0)])
+    cfg = config(tmp_path, llava_json(data))
+    over = yaml.safe_load(cfg.read_text())
+    over["data"]["tasks"][0].update(eval=llava_json(data), metric="exact_matc")
+    cfg.write_text(yaml.safe_dump(over))
+    expect_error(tmp_path, capsys, cfg, "eval set 't'", "exact_matc")
+    assert "trainable / total parameters" not in run_cli.out
+
+
+@pytest.mark.parametrize("mode", ["fast", "full"])
+def test_truncated_jpeg_needs_full_validation(tmp_path, capsys, mode):
+    """`fast` reads headers (a JPEG has no checksums to walk), so the cut shows while training;
+    `full` decodes every image and stops before the model is built."""
+    import numpy as np
+
+    records = [record(i) for i in range(4)]
+    records[2]["image"] = "cut.jpg"
+    data = write_record_file(tmp_path, records)
+    noise = (np.random.default_rng(0).random((128, 128, 3)) * 255).astype("uint8")
+    Image.fromarray(noise).save(tmp_path / "whole.jpg", quality=95)
+    blob = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(blob[: len(blob) // 2])  # header whole, pixel data cut
+    cfg = config(tmp_path, llava_json(data), data__validate=mode)
+    expect_error(tmp_path, capsys, cfg, "record 2", "cut.jpg", in_training=mode == "fast")
+    assert ("trainable / total parameters" in run_cli.out) == (mode == "fast")
+
+
+def test_answers_the_tokenizer_cannot_spell_stop_the_run(tmp_path, capsys):
+    data = write_record_file(tmp_path, [record(0, answer="qwxzy"), record(1)])
+    cfg = config(tmp_path, llava_json(data))
+    last = expect_error(tmp_path, capsys, cfg, "data.tasks[0].train (t)", "1 of 2 answers", "'qwxzy'")
+    assert "train.json record 0" in last and "data.max_unk_answers" in last
+
+
+def test_unknown_words_in_questions_are_counted_in_a_warning(tmp_path, capsys):
+    data = write_record_file(tmp_path, [record(0, question="<image>\nWhat colour is the qwxzy?"), record(1)])
+    main(["fit", "--config", str(config(tmp_path, llava_json(data)))])
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if "warning: data.tasks[0].train" in x]
+    assert "1 of 2 questions and 0 of 2 answers" in line and "'qwxzy'" in line, line

@@ -179,7 +179,8 @@ def test_ddp_two_processes(tmp_path):
     # half-written: 2 training tables + 3 eval sets.
     assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["processed"] * 5
 
-    # `validate` through Lightning's loop on 2 processes: each rank scores its share, each sample once.
+    # `validate` through Lightning's loop on 2 processes: each rank scores its share, each sample once;
+    # the record goes into the scored checkpoint's run directory.
     args = [
         sys.executable, "-m", "mllm_cl", "validate", "--config", str(CONFIG), "--trainer.accelerator", "cpu",
         "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.logger.init_args.save_dir",
@@ -188,8 +189,8 @@ def test_ddp_two_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    (record,) = list((tmp_path / "val").glob("*/version_*/eval_validate.json"))
-    record = json.loads(record.read_text())
+    # validate writes its record into the run directory of the checkpoint it scores
+    record = json.loads((run / "eval_validate.json").read_text())
     assert record["samples"] == {"count": 23, "colour": 23, "shape": 23}
     results = json.loads((run / "results.json").read_text())
     assert record["accuracy"] == dict(zip(results["columns"], results["matrix"][-1], strict=True))

@@ -71,10 +71,13 @@ def fitted(tmp_path_factory):
     return config, out, run, json.loads((run / "results.json").read_text())
 
 
-def _evaluate(command: str, config: Path, *extra: str) -> tuple[dict, Path]:
+def _evaluate(command: str, config: Path, *extra: str, ckpt_run: Path | None = None) -> tuple[dict, Path]:
+    """Run `command`; its record and run dir: the checkpoint's own (`ckpt_run`), else one new version."""
     before = set(config.parent.glob("runs/v/version_*"))
     main([command, "--config", str(config), *extra])
-    (run,) = set(config.parent.glob("runs/v/version_*")) - before
+    new = set(config.parent.glob("runs/v/version_*")) - before
+    (run,) = [ckpt_run] if ckpt_run is not None else new
+    assert not (new and ckpt_run is not None), new  # a scored checkpoint's results go into its run
     return json.loads((run / f"eval_{command}.json").read_text()), run
 
 
@@ -83,7 +86,9 @@ def test_validate_from_checkpoint_matches_fit(fitted):
     last = dict(zip(results["columns"], results["matrix"][-1], strict=True))
     base = dict(zip(results["columns"], results["matrix"][0], strict=True))
     assert last["mix"] > base["mix"], results["matrix"]
-    record, eval_run = _evaluate("validate", config, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    record, eval_run = _evaluate("validate", config, "--ckpt_path", ckpt, ckpt_run=run)
+    assert (run / "config.yaml").exists() and (run / "config_validate.yaml").exists()  # fit's config kept
     assert record["stage"] == "validate" and record["ckpt_path"].endswith("last.ckpt")
     assert record["accuracy"] == pytest.approx(last)
     assert record["samples"] == {"mix": 12, "colour": 6}  # every eval sample scored once (6 per source)

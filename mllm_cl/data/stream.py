@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mllm_cl.checkpointing import resume_offset
@@ -24,6 +25,7 @@ from mllm_cl.data.sources import Source
 from mllm_cl.data.tables import tokens_view
 from mllm_cl.errors import DataError
 from mllm_cl.evaluation import EvalColumn, resolve_column
+from mllm_cl.validate_data import check_mode, check_stream
 
 
 @dataclass
@@ -186,6 +188,12 @@ class TaskSampler(_RankLocal):
         return self.num_samples
 
 
+def _own_generator() -> torch.Generator:
+    """A loader's own RNG for its workers' seeds: an iterator otherwise draws one from the global
+    RNG, and a resumed run creates loaders at other moments than an uninterrupted one."""
+    return torch.Generator().manual_seed(0)
+
+
 class TaskStream(L.LightningDataModule):
     """Ordered tasks plus held-out eval sets, for sequential fine-tuning in one `fit`.
 
@@ -202,6 +210,10 @@ class TaskStream(L.LightningDataModule):
         cache_processed: keep the tokenised training data in a `datasets` cache, so a second run does
             not re-tokenise (images are still processed on the fly; see `mllm_cl.data.cache`).
         cache_dir: folder of that cache (default: $MLLM_CL_CACHE or ~/.cache/mllm_cl).
+        validate: checks of every set before the model loads (`mllm_cl.validate_data`): "fast"
+            opens every image without decoding it, "full" decodes every image, "off" skips them.
+        max_unk_answers: largest fraction of a set's answers that may contain a token the model's
+            tokenizer maps to its unknown token; above it the run stops before training.
     """
 
     def __init__(
@@ -217,6 +229,8 @@ class TaskStream(L.LightningDataModule):
         seed: int = 0,
         cache_processed: bool = False,
         cache_dir: str | None = None,
+        validate: str = "fast",
+        max_unk_answers: float = 0.01,
     ):
         super().__init__()
         if not tasks:
@@ -232,6 +246,10 @@ class TaskStream(L.LightningDataModule):
             seed,
         )
         self.cache_processed, self.cache_dir = cache_processed, cache_dir
+        check_mode(validate)
+        if not 0 <= max_unk_answers <= 1:
+            raise DataError(f"data.max_unk_answers={max_unk_answers}; use a fraction in [0, 1]")
+        self.validate, self.max_unk_answers = validate, max_unk_answers
         self.encoder: Encoder | None = None
         self._tokenized: set[str] = set()  # which tables read from the processed-data cache
         self._train: list | None = None
@@ -260,6 +278,7 @@ class TaskStream(L.LightningDataModule):
             ]
             for column in self._eval:
                 column.check()  # metric names, args, domains and references: before any model work
+            check_stream(self, module.processor, stage)  # images, <image> counts, unknown tokens
         self.encoder = Encoder(module.family, module.processor, self.max_length, self.overlength)
         if self.cache_processed and "eval" not in self._tokenized:
             for column in self._eval:
@@ -345,6 +364,7 @@ class TaskStream(L.LightningDataModule):
             collate_fn=self.encoder.collate,
             num_workers=self.num_workers,
             drop_last=False,
+            generator=_own_generator(),
         )
 
     # ---- evaluation -------------------------------------------------------------------------
@@ -360,6 +380,7 @@ class TaskStream(L.LightningDataModule):
             batch_size=col.eval_batch_size or self.eval_batch_size,
             collate_fn=self._collate_eval,
             num_workers=self.num_workers,
+            generator=_own_generator(),
         )
 
     def _collate_eval(self, items):
