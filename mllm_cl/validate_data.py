@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from mllm_cl.data.sources import _ColumnTable, _Concat, _LlavaTable, conversation_to_messages
+from mllm_cl.data.tables import ImageRef, tokens_view
 from mllm_cl.errors import DataError
 
 MODES = ("fast", "full", "off")
@@ -53,78 +53,26 @@ def check_mode(mode: str) -> None:
 
 # ---- reading samples without decoding images ---------------------------------------------------
 def records(table, limit: int | None = None) -> Iterator[Record]:
-    """The samples of a loaded table as `Record`s (the first `limit` of them)."""
-    inner, n = table, len(table) if limit is None else min(limit, len(table))
-    if hasattr(table, "table") and hasattr(table, "n") and not isinstance(table, (_LlavaTable, _ColumnTable)):
-        yield from records(table.table, min(n, table.n))  # stream._Head: an eval_limit
-    elif isinstance(inner, _Concat):
-        left = n
-        for part in inner.tables:
-            if left <= 0:
-                break
-            yield from records(part, min(left, len(part)))
-            left -= len(part)
-    elif isinstance(inner, _LlavaTable):
-        yield from _llava_records(inner, n)
-    elif isinstance(inner, _ColumnTable):
-        yield from _column_records(inner, n)
-    else:  # another kind of table: its samples as loaded (images already decoded)
-        for i in range(n):
-            sample = inner[i]
-            images = [(f"image {k}", _loaded(img)) for k, img in enumerate(sample.get("images") or [])]
-            yield Record(
-                f"sample {i}", str(sample.get("id", i)), sample["messages"], list(sample["answers"]), images
-            )
+    """The samples of a loaded table as `Record`s (the first `limit` of them), through the table's
+    `tokens_view`: images stay file paths or encoded bytes (`ImageRef`) wherever the table can."""
+    n = len(table) if limit is None else min(limit, len(table))
+    for i in range(n):
+        sample = tokens_view(table, i)
+        images = sample.get("images") or []
+        refs = [img for img in images if isinstance(img, ImageRef)]
+        where = refs[0].where if refs and refs[0].where else f"sample {i}"
+        named = [(_name(img, k), _opener(img)) for k, img in enumerate(images)]
+        yield Record(where, str(sample.get("id", i)), sample["messages"], list(sample["answers"]), named)
 
 
-def _loaded(img) -> Callable:
-    return lambda: img
+def _name(img, k: int) -> str:
+    return img.path if isinstance(img, ImageRef) and img.path else f"image {k}"
 
 
-def _llava_records(table: _LlavaTable, n: int) -> Iterator[Record]:
-    for i, (where, rec) in enumerate(table.records[:n]):
-        messages = conversation_to_messages(rec.get("conversations"), where)
-        answers = rec.get("answers") or [
-            next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
-        ]
-        files = rec.get("image") or []
-        files = [files] if isinstance(files, str) else files
-        paths = [os.path.join(table.image_folder, f) for f in files]
-        yield Record(where, str(rec.get("id", i)), messages, list(answers), [(p, _path(p)) for p in paths])
-
-
-def _path(path: str) -> Callable:
-    return lambda: path
-
-
-def _column_records(table: _ColumnTable, n: int) -> Iterator[Record]:
-    import datasets
-
-    src, ds = table.src, table.ds
-    if src.image_column:
-        ds = ds.cast_column(src.image_column, datasets.Image(decode=False))  # bytes, no decoding
-    for start in range(0, n, _BATCH):
-        batch = ds[start : min(n, start + _BATCH)]
-        for k in range(len(next(iter(batch.values())))):
-            i, row = start + k, {c: v[k] for c, v in batch.items()}
-            where = f"{src.path} row {i}"
-            if src.conversations_column:
-                messages = conversation_to_messages(row[src.conversations_column], where)
-            else:
-                answer = row[src.answer_column]
-                answer = answer[0] if isinstance(answer, list) and answer else answer
-                messages = [{"role": "user", "content": str(row[src.question_column])},
-                            {"role": "assistant", "content": str(answer)}]  # fmt: skip
-            refs = (row.get(src.answers_column) if src.answers_column else None) or [messages[-1]["content"]]
-            image = row.get(src.image_column) if src.image_column else None
-            images = [(f"{src.image_column} of row {i}", _arrow(image))] if image else []
-            yield Record(where, str(row.get("id", i)), messages, list(refs), images)
-
-
-def _arrow(image: dict) -> Callable:
-    if image.get("bytes") is not None:
-        return lambda: io.BytesIO(image["bytes"])
-    return lambda: image["path"]
+def _opener(img) -> Callable:
+    if isinstance(img, ImageRef):
+        return (lambda: img.path) if img.data is None else (lambda: io.BytesIO(img.data))
+    return lambda: img  # decoded already by its table
 
 
 # ---- the checks -------------------------------------------------------------------------------
