@@ -143,8 +143,8 @@ def test_metric_args_reach_the_metric(fitted):
     ]
     emt_config = config.parent / "emt.yaml"
     emt_config.write_text(yaml.safe_dump(emt))
-    record, eval_run = _evaluate(
-        "validate", emt_config, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")
+    record, eval_run = _evaluate(  # validate writes into the run dir of the checkpoint it scores
+        "validate", emt_config, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), ckpt_run=run
     )
     lines = (eval_run / "predictions" / "validate" / "colour_emt.jsonl").read_text().splitlines()
     records = [json.loads(x) for x in lines]
