@@ -95,6 +95,7 @@ class MllmCLI(LightningCLI):
         self.config_json = json.dumps(current, sort_keys=True)
         if path:
             rundir.check_same_config(checkpoint, current, path, bool(section.get("force_resume")))
+        section["force_resume"] = False  # a one-off: not carried into the run's saved config.yaml
         # No merge of the checkpoint's hyperparameters into the config (Lightning's default): the
         # config was just checked against the run's, and with --force-resume the new one applies.
 

@@ -37,7 +37,13 @@ from mllm_cl.errors import ConfigError
 LOCK = ".fit.lock"
 _LOGGERS = ("TensorBoardLogger", "CSVLogger")
 # What a resume may change without changing what is trained.
-_IGNORED = ("data.num_workers", "data.cache_processed", "data.cache_dir")
+_IGNORED = (
+    "data.num_workers",
+    "data.cache_processed",
+    "data.cache_dir",
+    "data.validate",
+    "data.max_unk_answers",
+)
 _TRAINER_KEYS = (
     "accumulate_grad_batches",
     "precision",
@@ -163,8 +169,10 @@ def _diff(old, new, key: str, out: list) -> None:
     if key in _IGNORED:
         return
     if isinstance(old, dict) and isinstance(new, dict):
-        for k in sorted(set(old) | set(new), key=str):
-            _diff(old.get(k), new.get(k), f"{key}.{k}" if key else str(k), out)
+        # Only keys both configs have: an option added to (or dropped from) the code since the run
+        # started is no change of the run's config.
+        for k in sorted(set(old) & set(new), key=str):
+            _diff(old[k], new[k], f"{key}.{k}" if key else str(k), out)
     elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         for i, (a, b) in enumerate(zip(old, new, strict=True)):
             _diff(a, b, f"{key}[{i}]", out)

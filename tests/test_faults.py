@@ -244,3 +244,15 @@ def test_exported_files_are_readable_by_others(tmp_path):
     assert any(p.suffix == ".safetensors" for p in files)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in files}
     assert all(mode == 0o644 for mode in modes.values()), modes
+
+
+def test_options_added_to_the_code_since_the_run_started_are_no_config_change():
+    from mllm_cl.errors import ConfigError
+    from mllm_cl.rundir import check_same_config
+
+    stored = {"data": {"seed": 0, "tasks": [{"name": "a"}]}, "model": {"lr": 0.1}}
+    checkpoint = {"mllm_cl_ckpt": {"config": json.dumps(stored)}}
+    newer = {"data": {"seed": 0, "tasks": [{"name": "a"}], "new_option": True}, "model": {"lr": 0.1}}
+    check_same_config(checkpoint, newer, "x/checkpoints/last.ckpt", force=False)  # no error
+    with pytest.raises(ConfigError, match=r"model\.lr \(0\.1 -> 0\.2\)"):
+        check_same_config(checkpoint, {**newer, "model": {"lr": 0.2}}, "x/checkpoints/last.ckpt", force=False)
