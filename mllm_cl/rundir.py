@@ -327,7 +327,10 @@ def prepare_fit(trainer, module, fit_args: dict, config_json: str | None, run: R
         check_writable(logger.save_dir, "trainer.logger.init_args.save_dir")
     else:
         check_writable(trainer.default_root_dir, "trainer.default_root_dir")
-    if rank_zero_only.rank == 0 and run.path:
+    # A run directory of its own: a TensorBoard / CSV logger's version folder, or the root dir when
+    # there is no logger (other loggers' save_dir may be shared by many runs: not locked).
+    own_dir = logger is None or type(logger).__name__ in _LOGGERS
+    if rank_zero_only.rank == 0 and run.path and own_dir:
         run.lock = lock_run_dir(run.path)
         _remove_partial_writes(run.path)
     module.run_config = config_json

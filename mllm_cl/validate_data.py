@@ -46,9 +46,11 @@ class Record:
     images: list[tuple[str, Callable]] = field(default_factory=list)  # (name, opener -> path or file)
 
 
-def check_mode(mode: str) -> None:
+def check_mode(mode: str, max_unk_answers: float = 0.0) -> None:
     if mode not in MODES:
         raise DataError(f"data.validate={mode!r}; use one of {list(MODES)}")
+    if not 0 <= max_unk_answers <= 1:
+        raise DataError(f"data.max_unk_answers={max_unk_answers}; use a fraction in [0, 1]")
 
 
 # ---- reading samples without decoding images ---------------------------------------------------

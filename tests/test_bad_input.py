@@ -367,6 +367,8 @@ def test_yaml_class_path_and_init_arg_typos(tmp_path, capsys, mistake, key, what
             {"model__strategies": [{"class_path": "LwF", "init_args": {"temperature": 0}}]},
             ("temperature=0", "temperature > 0"),
         ),
+        ({"data__validate": "quick"}, ("data.validate='quick'", "fast", "full", "off")),
+        ({"data__max_unk_answers": 2.0}, ("data.max_unk_answers=2.0", "[0, 1]")),
     ],
 )
 def test_out_of_range_values_name_the_key_and_range(tmp_path, capsys, over, said):

@@ -189,8 +189,8 @@ class TaskSampler(_RankLocal):
 
 
 def _own_generator() -> torch.Generator:
-    """A loader's own RNG for its workers' seeds: an iterator otherwise draws one from the global
-    RNG, and a resumed run creates loaders at other moments than an uninterrupted one."""
+    # Workers' seeds from the loader's own RNG, not the global one: a resumed run creates loaders at
+    # other moments than an uninterrupted one, which would shift the global random stream.
     return torch.Generator().manual_seed(0)
 
 
@@ -246,9 +246,7 @@ class TaskStream(L.LightningDataModule):
             seed,
         )
         self.cache_processed, self.cache_dir = cache_processed, cache_dir
-        check_mode(validate)
-        if not 0 <= max_unk_answers <= 1:
-            raise DataError(f"data.max_unk_answers={max_unk_answers}; use a fraction in [0, 1]")
+        check_mode(validate, max_unk_answers)
         self.validate, self.max_unk_answers = validate, max_unk_answers
         self.encoder: Encoder | None = None
         self._tokenized: set[str] = set()  # which tables read from the processed-data cache
