@@ -38,12 +38,12 @@ import tempfile
 
 import numpy as np
 import torch
-from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping, ModelCheckpoint, ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from mllm_cl import faults
 from mllm_cl.errors import ConfigError
+from mllm_cl.results import atomic_file
 
 _KEY = "mllm_cl_ckpt"
 
@@ -166,21 +166,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = str(path)
         if "://" in path:
             return super().save_checkpoint(checkpoint, path, storage_options)
-        folder, name = os.path.split(os.path.abspath(path))
-        get_filesystem(folder).makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
-        try:
-            with faults.writing(path):
-                with open(tmp, "wb") as fh:
-                    torch.save(checkpoint, fh)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                faults.point(f"write.{name}", path)
-                os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_file(path, binary=True) as fh:
+            torch.save(checkpoint, fh)
 
 
 # ---- RNG -------------------------------------------------------------------------------------

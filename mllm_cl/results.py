@@ -8,6 +8,7 @@ truncated results file behind.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -26,28 +27,36 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str, text: str) -> None:
-    """Write `text` to `path` via a temp file in the same folder and os.replace.
+@contextlib.contextmanager
+def atomic_file(path: str, binary: bool = False):
+    """A file to write `path` through: a temp file in the same folder, fsynced and renamed into place
+    when the block ends, so a kill never leaves a truncated file and a full disk keeps the old one.
 
     The file gets the mode a plain `open` would give (0644 under the usual umask), not mkstemp's
     0600: result files are read by other users and by serving processes.
     """
-    folder = os.path.dirname(os.path.abspath(path))
+    folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=name)
     try:
         with faults.writing(path):  # a full disk: one line naming the file, the old file kept
             os.fchmod(fd, 0o666 & ~_umask())
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
+            with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as fh:
+                yield fh
                 fh.flush()
                 os.fsync(fh.fileno())
-            faults.point(f"write.{os.path.basename(path)}", path)
+            faults.point(f"write.{name}", path)
             os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write(path: str, text: str) -> None:
+    """Write `text` to `path` atomically (see `atomic_file`)."""
+    with atomic_file(path) as fh:
+        fh.write(text)
 
 
 @dataclass
