@@ -27,7 +27,7 @@ def main() -> None:
     module = MLLMModule(family="llava", recipe=SAProj())
     module.configure_model()
     lwf = LwF(lam=1.0, temperature=2.0)
-    lwf.on_task_start(module, 0)
+    lwf.on_task_start(module.context, 0)
     teacher = copy.deepcopy(module.model)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -38,10 +38,10 @@ def main() -> None:
     samples = Synthetic("count", n=4, seed=1, image_size=32).load()
     batch = encoder.collate([encoder.encode_train(samples[i]) for i in range(4)])
     module.model.eval()
-    fp32 = lwf.loss(module, batch, module(batch)).item()
+    fp32 = lwf.loss(module.context, batch, module(batch)).item()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outputs = module(batch)
-        ours = lwf.loss(module, batch, outputs).item()
+        ours = lwf.loss(module.context, batch, outputs).item()
         with torch.no_grad():
             t = teacher(**{k: v for k, v in batch.items() if k != "skipped"}).logits
         labels = batch["labels"]

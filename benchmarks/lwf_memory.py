@@ -28,7 +28,7 @@ def step_seconds(module, batch, lwf: LwF | None, repeats: int = 3) -> float:
     for _ in range(repeats):
         start = time.perf_counter()
         outputs = module(batch)
-        loss = outputs.loss + (lwf.loss(module, batch, outputs) if lwf else 0)
+        loss = outputs.loss + (lwf.loss(module.context, batch, outputs) if lwf else 0)
         loss.backward()
         times.append(time.perf_counter() - start)
     return min(times)
@@ -45,7 +45,7 @@ def main() -> None:
             family=args.family, tiny=args.tiny, recipe=getattr(freeze, recipe)(), strategies=[lwf]
         )
         module.configure_model()
-        lwf.on_task_start(module, 0)
+        lwf.on_task_start(module.context, 0)
         trainable = nbytes(p for p in module.model.parameters() if p.requires_grad)
         total = nbytes(module.model.parameters())
         saved = nbytes(lwf.teacher.values())

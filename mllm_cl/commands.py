@@ -12,17 +12,23 @@ import time
 
 from mllm_cl import checkpointing
 from mllm_cl.cli import MllmCLI
+from mllm_cl.context import TaskData
 from mllm_cl.data.cache import Tokenized, cache_root
 from mllm_cl.data.stream import TaskStream
 from mllm_cl.errors import ConfigError
-from mllm_cl.export import export_hf, merged_model
+from mllm_cl.export import export_hf
 from mllm_cl.module import MLLMModule
 
 
 def parse_run(args: list[str]):
     """(module, stream) of a fit config, parsed exactly as `fit` would, without running anything."""
-    cli = MllmCLI(MLLMModule, TaskStream, args=args, run=False)
+    cli = parse_cli(args)
     return cli.model, cli.datamodule
+
+
+def parse_cli(args: list[str]) -> MllmCLI:
+    """The CLI of a fit config with its model, stream and trainer built (nothing run)."""
+    return MllmCLI(MLLMModule, TaskStream, args=args, run=False)
 
 
 def load_trained(config: str, ckpt_path: str | None):
@@ -49,7 +55,7 @@ def export_main(argv: list[str]) -> int:
     if not os.path.isfile(args.config):
         raise ConfigError(f"--config {args.config}: file not found")
     module = load_trained(args.config, args.ckpt_path)
-    export_hf(merged_model(module), module.processor, args.out, module.family)
+    export_hf(module.model, module.processor, args.out, module.family)
     print(f"[mllm_cl] exported {module.family.name} to {args.out}")
     return 0
 
@@ -65,10 +71,14 @@ def cache_main(argv: list[str]) -> int:
         print(cache_main.__doc__)
         return 0 if argv else 2
     start = time.perf_counter()
-    module, stream = parse_run(argv)
+    cli = parse_cli(argv)
+    module, stream = cli.model, cli.datamodule
     stream.cache_processed = True
     stream.prepare_tables(module, "fit")
-    extra = [t for s in module.all_strategies if hasattr(s, "cached_tables") for t in s.cached_tables(stream)]
+    # The fit's trainer (devices × nodes, gradient accumulation) sets how many samples each task
+    # consumes, hence what a DataHybrid draws: the same draws as the multi-GPU fit will make.
+    stream.trainer = cli.trainer
+    extra = [t for s in module.all_strategies for t in s.cached_tables(TaskData(stream))]
     tables = [*stream._train, *(column.table for column in stream.columns), *extra]
     cached = sum(isinstance(t, Tokenized) for t in tables)
     root = stream.cache_dir or cache_root()

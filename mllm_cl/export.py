@@ -16,6 +16,7 @@ import torch
 from mllm_cl.families import EXPORT_RECORD, Family, get_family
 from mllm_cl.results import _umask
 from mllm_cl.sharding import is_dtensor, local_log_dir
+from strategies.lora import LoraLayer, merged_weight
 
 
 def plain_model(model):
@@ -25,15 +26,16 @@ def plain_model(model):
     ``lora_A/lora_B``; a standard checkpoint must hold plain ``*.weight`` with the update merged.
     The live model is left untouched so training (e.g. the ExportHF callback mid-stream) goes on.
     """
-    from peft.tuners.lora import LoraLayer
-
     if not any(isinstance(m, LoraLayer) for m in model.modules()):
         return model
     model = copy.deepcopy(model)
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]:
-        layer.merge()
+        linear = layer.get_base_layer()
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        with torch.no_grad():
+            linear.weight.copy_(merged_weight(linear.weight, a, b, layer.scaling["default"]))
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer.get_base_layer())
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
     return model
 
 
@@ -44,7 +46,6 @@ def is_sharded(model) -> bool:
 def gathered_state_dict(model) -> dict[str, torch.Tensor]:
     """Full weights of an FSDP2-sharded model on rank 0, in CPU memory (other ranks get {}), with
     LoRA folded in. A collective: every rank must call it."""
-    from peft.tuners.lora import LoraLayer
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -53,7 +54,7 @@ def gathered_state_dict(model) -> dict[str, torch.Tensor]:
             continue  # not rank 0
         a, b = state.pop(f"{name}.lora_A.default.weight"), state.pop(f"{name}.lora_B.default.weight")
         base = state.pop(f"{name}.base_layer.weight")
-        state[f"{name}.weight"] = base + (layer.scaling["default"] * (b.float() @ a.float())).to(base.dtype)
+        state[f"{name}.weight"] = merged_weight(base, a, b, layer.scaling["default"])
         if f"{name}.base_layer.bias" in state:
             state[f"{name}.bias"] = state.pop(f"{name}.base_layer.bias")
     return state
@@ -114,14 +115,3 @@ class ExportHF(L.Callback):
         name = trainer.datamodule.tasks[trainer.current_epoch].name
         out = root if self.last_only else os.path.join(root, f"after_{name}")
         export_hf(pl_module.model, pl_module.processor, out, pl_module.family, state)
-
-
-def merged_model(module):
-    """The plain HF model: strategies that wrap it (LoRA) merge their weights first."""
-    for strategy in module.all_strategies:
-        if callable(getattr(strategy, "merge", None)):
-            strategy.merge(module)
-    model = module.model
-    if callable(getattr(model, "merge_and_unload", None)):  # a peft wrapper left in place
-        model = model.merge_and_unload()
-    return model

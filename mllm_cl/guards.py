@@ -141,43 +141,48 @@ def _known_classes() -> set[str]:
 
 
 # ---- samples longer than data.max_length ------------------------------------------------------
-def note_length_events(module, batch: dict) -> None:
-    """Count samples skipped / truncated for length (never silent): cumulative TensorBoard counters
-    ``train/skipped_samples`` and ``train/truncated_samples``, plus this task's tally."""
-    counts = module.__dict__.setdefault("_length_counts", {"skipped": 0, "truncated": 0})
-    task = module.__dict__.setdefault("_task_length_counts", {"skipped": 0, "truncated": 0})
-    for key in counts:
-        n = int(batch.get(key, 0))
-        if n:
-            counts[key] += n
-            task[key] += n
-            module.log(f"train/{key}_samples", float(counts[key]))
+class LengthCounters:
+    """Samples skipped / truncated for length (never silent), owned by the module and checkpointed so
+    a resumed run goes on counting: cumulative TensorBoard series ``train/skipped_samples`` and
+    ``train/truncated_samples``, and this task's tally for the one-line summary at its end."""
 
+    KEYS = ("skipped", "truncated")
 
-def length_counts(module) -> dict:
-    """This rank's counters, for the checkpoint (a resumed run goes on counting, not from zero)."""
-    return {"run": module.__dict__.get("_length_counts"), "task": module.__dict__.get("_task_length_counts")}
+    def __init__(self):
+        self.run = dict.fromkeys(self.KEYS, 0)
+        self.task = dict.fromkeys(self.KEYS, 0)
 
+    def note(self, module, batch: dict) -> None:
+        """Add a training batch's events (the collator's ``skipped``/``truncated`` counts) and log."""
+        for key in self.KEYS:
+            n = int(batch.get(key, 0))
+            if n:
+                self.run[key] += n
+                self.task[key] += n
+                module.log(f"train/{key}_samples", float(self.run[key]))
 
-def restore_length_counts(module, state: dict | None) -> None:
-    for key, attr in (("run", "_length_counts"), ("task", "_task_length_counts")):
-        if state and state.get(key):
-            module.__dict__[attr] = dict(state[key])
+    def end_task(self, module, task: int) -> None:
+        """One line when some of the task's samples were skipped or truncated (summed over ranks;
+        every rank must call it); resets the task's tally."""
+        local, self.task = self.task, dict.fromkeys(self.KEYS, 0)
+        reduce = module.trainer.strategy.reduce
+        counts = {
+            k: int(reduce(torch.tensor(float(v), device=module.device), reduce_op="sum"))
+            for k, v in local.items()
+        }
+        if any(counts.values()) and module.global_rank_zero():
+            name = module.stream.tasks[task].name
+            print(
+                f"[mllm_cl] task {task} ({name}): {counts['skipped']} samples skipped and "
+                f"{counts['truncated']} truncated for data.max_length={module.stream.max_length} "
+                "(data.overlength decides)"
+            )
 
+    def state_dict(self) -> dict:
+        """This rank's counters."""
+        return {"run": dict(self.run), "task": dict(self.task)}
 
-def print_length_summary(module, task: int) -> None:
-    """One line per task when some samples were skipped or truncated (summed over ranks; every rank
-    must call it); resets the task's tally."""
-    local = module.__dict__.pop("_task_length_counts", None) or {"skipped": 0, "truncated": 0}
-    strategy = module.trainer.strategy
-    counts = {
-        k: int(strategy.reduce(torch.tensor(float(v), device=module.device), reduce_op="sum"))
-        for k, v in local.items()
-    }
-    if any(counts.values()) and module.global_rank_zero():
-        name = module.stream.tasks[task].name
-        limit = module.stream.max_length
-        print(
-            f"[mllm_cl] task {task} ({name}): {counts['skipped']} samples skipped and "
-            f"{counts['truncated']} truncated for data.max_length={limit} (data.overlength decides)"
-        )
+    def load_state_dict(self, state: dict | None) -> None:
+        for key in ("run", "task"):
+            if state and state.get(key):
+                setattr(self, key, {k: int(state[key].get(k, 0)) for k in self.KEYS})

@@ -17,16 +17,10 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from mllm_cl import board, checkpointing, curve, evaluation, faults, generation
+from mllm_cl.context import StrategyContext
 from mllm_cl.data.collate import BOOKKEEPING_KEYS
 from mllm_cl.families import get_family
-from mllm_cl.guards import (
-    check_policy,
-    guard_loss,
-    length_counts,
-    note_length_events,
-    print_length_summary,
-    restore_length_counts,
-)
+from mllm_cl.guards import LengthCounters, check_policy, guard_loss
 from mllm_cl.optim import TaskSchedule, param_groups, reset_optimizer_state
 from mllm_cl.results import StreamResults, atomic_write
 from mllm_cl.sharding import check_attn_implementation, local_log_dir, shard_model
@@ -111,6 +105,8 @@ class MLLMModule(L.LightningModule):
         self.replaying_task_end = False  # True while a resumed run redoes an interrupted task end
         self.run_config: str | None = None  # the run's config (JSON, set by the CLI), kept in checkpoints
         self.param_counts: dict[str, dict[str, int]] = {}
+        self.length_counts = LengthCounters()
+        self._context: StrategyContext | None = None
         # Checkpoints leave frozen weights out (they come from the config / pretrained path), so every
         # loader, including the strategies' own (FSDP full checkpoints), must load non-strictly.
         self.strict_loading = False
@@ -120,13 +116,20 @@ class MLLMModule(L.LightningModule):
     def all_strategies(self) -> list[Strategy]:
         return [self.recipe, *self.strategies]
 
+    @property
+    def context(self) -> StrategyContext:
+        """What the strategies' hooks see of this run (`mllm_cl.context`)."""
+        if self._context is None:
+            self._context = StrategyContext(self)
+        return self._context
+
     def configure_model(self):
         if self.model is not None:  # idempotent: Lightning may call it more than once
             return
         hp = self.hparams
         self.model = self.build_model()
         for strategy in self.all_strategies:
-            strategy.setup(self)
+            strategy.setup(self.context)
         if hp.gradient_checkpointing:
             # Non-reentrant: with reentrant checkpointing frozen embeddings cut the gradient (transformers #23170).
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -155,6 +158,10 @@ class MLLMModule(L.LightningModule):
         if not hasattr(self, "_canonical"):
             self._canonical = self.family.canonical_names(self.model)
         return self._canonical
+
+    def forget_canonical_names(self) -> None:
+        """The parameters changed (LoRA added adapters): names are recomputed on next use."""
+        self.__dict__.pop("_canonical", None)
 
     def component_of(self, real_name: str) -> str:
         return self.canonical_names()[real_name].split(".", 1)[0]
@@ -192,7 +199,7 @@ class MLLMModule(L.LightningModule):
         return self.model(**{k: v for k, v in batch.items() if k not in BOOKKEEPING_KEYS})
 
     def training_step(self, batch, batch_idx):
-        note_length_events(self, batch)  # train/skipped_samples, train/truncated_samples
+        self.length_counts.note(self, batch)  # train/skipped_samples, train/truncated_samples
         if "input_ids" not in batch:
             return None  # every sample of the batch was skipped for length
         outputs = self(batch)
@@ -200,7 +207,7 @@ class MLLMModule(L.LightningModule):
         self.log("train/ce", loss.detach(), prog_bar=True)
         terms = 0
         for strategy in self.strategies:
-            extra = strategy.loss(self, batch, outputs)
+            extra = strategy.loss(self.context, batch, outputs)
             if extra is not None:
                 self.log(f"train/{type(strategy).__name__}", extra.detach())
                 loss, terms = loss + extra, terms + 1
@@ -239,7 +246,7 @@ class MLLMModule(L.LightningModule):
         for config in self.trainer.lr_scheduler_configs:
             config.scheduler.start_task(self.stream.steps_for(task))
         for strategy in self.all_strategies:
-            strategy.on_task_start(self, task)
+            strategy.on_task_start(self.context, task)
         self.task_started = task
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
@@ -251,12 +258,12 @@ class MLLMModule(L.LightningModule):
         if len(self.results.rows) > task + 1:
             return  # this task's row was already recorded before a resume
         faults.point("task_end")  # callbacks' task-end work (WiSE-FT merge) done, in memory only
-        print_length_summary(self, task)
+        self.length_counts.end_task(self, task)
         for strategy in self.all_strategies:
-            strategy.on_task_end(self, task)
+            strategy.on_task_end(self.context, task)
             faults.point("strategy_end")
         for strategy in self.all_strategies:
-            strategy.before_evaluation(self, task)  # e.g. WiSE-FT's merge: the row scores its result
+            strategy.before_evaluation(self.context, task)  # e.g. WiSE-FT's merge: the row scores its result
             faults.point("strategy_end")
         self._evaluate_row(self.stream.tasks[task].name)
 
@@ -358,7 +365,7 @@ class MLLMModule(L.LightningModule):
             "task_started": self.task_started,
             "task_trained": self.task_trained,
             "strategies": [s.state_dict() for s in self.all_strategies],
-            "length_counts": length_counts(self),
+            "length_counts": self.length_counts.state_dict(),
         }
         checkpointing.on_save(self, checkpoint)  # drops frozen weights, adds RNG + identity
 
@@ -369,6 +376,6 @@ class MLLMModule(L.LightningModule):
             self.results = StreamResults.from_dict(state["results"])
         self.task_started = state.get("task_started", -1)
         checkpointing.restore_progress(self, state)  # task_trained: is a task end pending?
-        restore_length_counts(self, state.get("length_counts"))
+        self.length_counts.load_state_dict(state.get("length_counts"))
         for strategy, s_state in zip(self.all_strategies, state.get("strategies", []), strict=False):
             strategy.load_state_dict(s_state)

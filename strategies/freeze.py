@@ -47,18 +47,18 @@ class Recipe(Strategy):
     def resolve(self, canonical_names) -> None:
         """Fix patterns that depend on the model (see `LastLayers`); called before any `selects`."""
 
-    def setup(self, module) -> None:
-        names = module.canonical_names()
+    def setup(self, ctx) -> None:
+        names = ctx.canonical_names()
         self.resolve(names.values())
         trainable = 0
-        for real, param in module.model.named_parameters():
+        for real, param in ctx.model.named_parameters():
             on = self.selects(names[real])
             param.requires_grad_(on)
             trainable += on
         if trainable == 0:
             raise ConfigError(
                 f"model.recipe {type(self).__name__} (patterns {list(self.patterns)}) matches no parameter of "
-                f"{module.family.name}; canonical names look like {next(iter(names.values()))!r}"
+                f"{ctx.family.name}; canonical names look like {next(iter(names.values()))!r}"
             )
 
 

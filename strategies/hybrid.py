@@ -71,28 +71,16 @@ def compose(tables: list, ratios: Sequence[float], total: int, seed: int) -> Com
     return Composed(tables, refs)
 
 
-def only_drawn(mixed: Composed, stream, names: list[str]) -> Composed:
+def only_drawn(mixed: Composed, data, names: list[str]) -> Composed:
     """The same items, each mixed-in table narrowed to the samples drawn from it and passed through
-    the stream's processed-data cache (`names[k]` describes table k + 1). Table 0 (the task's own
-    data, cached by the stream already) is kept as it is."""
+    the processed-data cache (`data`: a `mllm_cl.context.TaskData`; `names[k]` describes table k + 1).
+    Table 0 (the task's own data, cached by the stream already) is kept as it is."""
     tables, position = [mixed.tables[0]], [None]
     for k, (table, name) in enumerate(zip(mixed.tables[1:], names, strict=True), 1):
         drawn = sorted({i for t, i in mixed.refs if t == k})
-        tables.append(stream.tokenized(Subset(table, drawn), f"{name} ({len(drawn)} drawn)"))
+        tables.append(data.cached(Subset(table, drawn), f"{name} ({len(drawn)} drawn)"))
         position.append({i: p for p, i in enumerate(drawn)})
     return Composed(tables, [(k, i if k == 0 else position[k][i]) for k, i in mixed.refs])
-
-
-def task_samples(module, task: int) -> int:
-    """Samples the task consumes over all ranks (the length of one TaskSampler pass)."""
-    return stream_task_samples(module.trainer.datamodule, task)
-
-
-def stream_task_samples(stream, task: int) -> int:
-    """`task_samples` from the stream alone (its trainer when attached, else one process)."""
-    trainer = stream.trainer
-    world, accumulate = (trainer.world_size, trainer.accumulate_grad_batches) if trainer else (1, 1)
-    return stream.steps_for(task) * accumulate * stream.batch_size * world
 
 
 def check_ratios(name: str, ratios: Sequence[float]) -> None:
@@ -128,26 +116,23 @@ class DataHybrid(Strategy):
                     raise ConfigError(f"DataHybrid: source {s.describe()} has no samples; fix its path")
         return self._tables
 
-    def mix(self, stream, task: int, table: Sequence[dict], total: int) -> Composed:
+    def mix(self, data, task: int, table: Sequence[dict]) -> Composed:
         """Task `task`'s items: drawn from `table` and the sources, then only the drawn ones kept."""
+        total = data.task_samples(task)
         mixed = compose([table, *self.tables()], self.ratios, total, self.seed * 1000 + task)
         names = [f"DataHybrid source {s.describe()}, task {task}" for s in self.sources]
-        return only_drawn(mixed, stream, names)
+        return only_drawn(mixed, data, names)
 
-    def cached_tables(self, stream) -> list:
-        """What each task draws from each source, through the stream's processed-data cache (the
-        `cache` command builds these ahead of a fit; its draws assume the stream's trainer, else one
-        process without gradient accumulation)."""
+    def cached_tables(self, data) -> list:
+        """What each task draws from each source (the `cache` command builds these ahead of a fit)."""
         return [
             drawn
-            for task in range(len(stream.tasks))
-            for drawn in self.mix(
-                stream, task, stream.train_table(task), stream_task_samples(stream, task)
-            ).tables[1:]
+            for task in range(len(data.tasks))
+            for drawn in self.mix(data, task, data.train_table(task)).tables[1:]
         ]
 
-    def train_data(self, module, task: int, table: Sequence[dict]) -> Sequence[dict]:
-        return self.mix(module.trainer.datamodule, task, table, task_samples(module, task))
+    def train_data(self, ctx, task: int, table: Sequence[dict]) -> Sequence[dict]:
+        return self.mix(ctx.data, task, table)
 
     def memory(self, plan) -> list[MemoryTerm]:
         mixed = max((n or 0 for n in plan.task_samples), default=0)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from mllm_cl.errors import ConfigError
-from strategies.base import MemoryTerm, Strategy
+from strategies.base import MemoryTerm, Strategy, trainable_snapshot
 
 
 class L2Anchor(Strategy):
@@ -29,12 +29,11 @@ class L2Anchor(Strategy):
         self.lam = lam
         self.anchor: dict[str, torch.Tensor] = {}
 
-    def on_task_start(self, module, task: int) -> None:
-        # Only trainable parameters can move; copying the frozen ones would waste memory.
-        self.anchor = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+    def on_task_start(self, ctx, task: int) -> None:
+        self.anchor = trainable_snapshot(ctx.model)  # only trainable parameters can move
 
-    def loss(self, module, batch: dict, outputs) -> torch.Tensor:
-        params = dict(module.model.named_parameters())
+    def loss(self, ctx, batch: dict, outputs) -> torch.Tensor:
+        params = dict(ctx.model.named_parameters())
         total = sum(((params[n] - a) ** 2).sum() for n, a in self.anchor.items())
         return 0.5 * self.lam * total
 

@@ -7,7 +7,7 @@ family-aware canonical patterns (``llm.layers.N.self_attn.q_proj.weight``...), a
 real module names is passed to peft as `target_modules`, so CLIP's ``self_attn.q_proj`` or
 Qwen2.5-VL's ``visual.blocks.N.mlp.gate_proj`` are never wrapped (plain peft suffix matching would).
 
-Adapters are injected in place (`peft.inject_adapter_in_model`): `module.model` stays the HF model
+Adapters are injected in place (`peft.inject_adapter_in_model`): `ctx.model` stays the HF model
 and real names only gain ``.lora_A.default.weight`` / ``.lora_B.default.weight``. Only the adapters
 train. At each task end B·A is added into W and the adapters are re-initialised in place (same
 parameter objects, so the optimizer keeps them), so evaluation and the next task see plain merged
@@ -27,6 +27,14 @@ from peft.tuners.lora import LoraLayer
 from mllm_cl.errors import ConfigError
 from mllm_cl.sharding import is_dtensor
 from strategies.base import MemoryTerm, Strategy
+
+
+def merged_weight(
+    base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """W + (α/r)·B·A in W's dtype, the product in fp32: the one LoRA merge (task ends, export, the
+    gathered FSDP2 export). Works on DTensor shards too (B·A follows W's sharding)."""
+    return base + (scaling * (lora_b.float() @ lora_a.float())).to(base.dtype)
 
 
 def fresh_(weight: torch.Tensor, gen: torch.Generator) -> None:
@@ -72,11 +80,11 @@ class LoRA(Strategy):
         self.model = None
         self.merged: dict[str, torch.Tensor] = {}  # real weight name -> merged base weight
 
-    def targets(self, module) -> list[str]:
+    def targets(self, ctx) -> list[str]:
         """Real names of the nn.Linear modules whose canonical weight name matches the patterns."""
-        patterns = self.patterns if self.patterns is not None else list(module.recipe.patterns)
-        names = module.canonical_names()
-        linears = {n for n, m in module.model.named_modules() if isinstance(m, torch.nn.Linear)}
+        patterns = self.patterns if self.patterns is not None else list(ctx.recipe.patterns)
+        names = ctx.canonical_names()
+        linears = {n for n, m in ctx.model.named_modules() if isinstance(m, torch.nn.Linear)}
         found = [
             real[: -len(".weight")]
             for real in names
@@ -85,30 +93,30 @@ class LoRA(Strategy):
             and any(re.search(p, names[real]) for p in patterns)
         ]
         if not found:
-            raise ConfigError(f"LoRA: patterns {patterns} match no Linear weight of {module.family.name}")
+            raise ConfigError(f"LoRA: patterns {patterns} match no Linear weight of {ctx.family.name}")
         return found
 
-    def setup(self, module) -> None:
-        targets = self.targets(module)
+    def setup(self, ctx) -> None:
+        targets = self.targets(ctx)
         config = LoraConfig(
             r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets
         )
-        inject_adapter_in_model(config, module.model)
-        for name, p in module.model.named_parameters():
+        inject_adapter_in_model(config, ctx.model)
+        for name, p in ctx.model.named_parameters():
             p.requires_grad_(".lora_" in name)
-        if hasattr(module, "_canonical"):
-            del module._canonical  # new lora_ parameters: recompute canonical names
-        self.model = module.model
+        ctx.parameters_changed()  # new lora_ parameters: canonical names are recomputed
+        self.model = ctx.model
 
     def layers(self) -> dict[str, LoraLayer]:
         return {n: m for n, m in self.model.named_modules() if isinstance(m, LoraLayer)}
 
-    def on_task_end(self, module, task: int) -> None:
+    def on_task_end(self, ctx, task: int) -> None:
         gen = torch.Generator().manual_seed(self.seed * 1000 + task)
         with torch.no_grad():
             for name, layer in self.layers().items():
                 base = layer.get_base_layer().weight
-                base.add_(layer.get_delta_weight("default").to(base.dtype))
+                a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+                base.copy_(merged_weight(base, a, b, layer.scaling["default"]))
                 fresh_(layer.lora_A["default"].weight, gen)
                 layer.lora_B["default"].weight.zero_()
                 self.merged[f"{name}.base_layer.weight"] = base

@@ -95,12 +95,12 @@ class LwF(Strategy):
         self.teacher: dict[str, torch.Tensor] = {}
         self.empty_batches = 0
 
-    def on_task_start(self, module, task: int) -> None:
-        self.teacher = trainable_snapshot(module.model)
+    def on_task_start(self, ctx, task: int) -> None:
+        self.teacher = trainable_snapshot(ctx.model)
 
-    def teacher_logits(self, module, batch: dict) -> torch.Tensor:
+    def teacher_logits(self, ctx, batch: dict) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k not in BOOKKEEPING_KEYS}
-        model, was_training = module.model, module.model.training
+        model, was_training = ctx.model, ctx.model.training
         params = dict(model.named_parameters())
         model.eval()  # the teacher is a fixed function: no dropout, no RNG draws
         exchange(params, self.teacher)
@@ -111,7 +111,7 @@ class LwF(Strategy):
             exchange(params, self.teacher)
             model.train(was_training)
 
-    def loss(self, module, batch: dict, outputs) -> torch.Tensor:
+    def loss(self, ctx, batch: dict, outputs) -> torch.Tensor:
         if not self.teacher:
             raise ConfigError(
                 "LwF: no teacher weights; on_task_start did not run (resume from a non-LwF checkpoint?)"
@@ -121,9 +121,9 @@ class LwF(Strategy):
         if student.shape[0] == 0:
             # No answer token (all truncated away): an explicit, counted zero, not prompt-token distillation.
             self.empty_batches += 1
-            module.log("train/lwf_empty_batches", float(self.empty_batches))
+            ctx.log("train/lwf_empty_batches", float(self.empty_batches))
             return outputs.logits.sum() * 0.0
-        teacher = answer_logits(self.teacher_logits(module, batch), labels)
+        teacher = answer_logits(self.teacher_logits(ctx, batch), labels)
         return self.lam * distillation(student, teacher, self.temperature)
 
     def memory(self, plan) -> list[MemoryTerm]:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from mllm_cl.errors import ConfigError
 from strategies.base import MemoryTerm, Strategy
-from strategies.hybrid import Composed, check_ratios, compose, task_samples
+from strategies.hybrid import Composed, check_ratios, compose
 
 
 class Replay(Strategy):
@@ -80,18 +80,16 @@ class Replay(Strategy):
         return out
 
     # ---- hooks ------------------------------------------------------------------------------
-    def on_task_end(self, module, task: int) -> None:
-        self.add_task(task, len(module.trainer.datamodule.train_table(task)))
+    def on_task_end(self, ctx, task: int) -> None:
+        self.add_task(task, len(ctx.data.train_table(task)))
 
-    def train_data(self, module, task: int, table: Sequence[dict]) -> Sequence[dict]:
+    def train_data(self, ctx, task: int, table: Sequence[dict]) -> Sequence[dict]:
         if not self.buffer:
             return table
-        stream = module.trainer.datamodule  # earlier tasks' own tables, loaded (and cached) by the stream
-        tables = [stream.train_table(k) for k in range(len(stream.tasks))]
-        memory = Composed(tables, list(self.buffer))
-        return compose(
-            [table, memory], [self.ratio], task_samples(module, task), self.seed * 1000 + 500 + task
-        )
+        data = ctx.data  # earlier tasks' own tables, loaded (and cached) by the stream
+        memory = Composed([data.train_table(k) for k in range(len(data.tasks))], list(self.buffer))
+        total = data.task_samples(task)
+        return compose([table, memory], [self.ratio], total, self.seed * 1000 + 500 + task)
 
     def memory(self, plan) -> list[MemoryTerm]:
         # (task, index) tuples: a 2-tuple (56 B) + two ints (28 B) + the list slot (8 B) in CPython.

@@ -10,11 +10,10 @@ accuracy-matrix row is scored; the next task starts from the merged weights. **L
 ``alpha: 0.9, reference: task_start`` here.
 
 Choosing α (`alphas`: a grid, tried in order, best mean accuracy on the selection sets kept, ties
-keep the earlier α): the selection sets are `select_on` (default: every `validation` set). A
-`validation` set is scored only for this choice and never enters the accuracy matrix. Naming a set
-the matrix reports (a task's eval set or a held-out set; or the legacy `criterion` without
-`select_on`) would report numbers chosen on themselves, so it is refused unless
-``allow_select_on_reported: true``.
+keep the earlier α) follows `mllm_cl.selection`: the selection sets are `select_on` (default: every
+`validation` set); a `validation` set is scored only for this choice and never enters the accuracy
+matrix; naming a set the matrix reports (or the legacy `criterion` without `select_on`) is refused
+unless ``allow_select_on_reported: true``.
 
 Records, the accuracy matrix keeping its meaning (rows score the merged model): the pre-merge model
 (θ_end) is scored on every eval set of the stream and written with the chosen α and each α's scores
@@ -30,15 +29,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import torch
 from lightning.pytorch.callbacks import Callback
 
 from mllm_cl.data.stream import EvalSet
 from mllm_cl.errors import ConfigError
-from mllm_cl.evaluation import EvalColumn, evaluate_outside, outside_columns
-from mllm_cl.results import atomic_write
+from mllm_cl.selection import Selection
 from strategies.base import Strategy, trainable_snapshot
 
 
@@ -81,139 +78,87 @@ class WiSEFT(Strategy, Callback):
         grid = list(alphas) if alphas else [alpha]
         if any(not 0 <= a <= 1 for a in grid):
             raise ConfigError(f"WiSEFT(alpha={alpha}, alphas={alphas}): every alpha must lie in [0, 1]")
-        if criterion not in ("heldout", "avg"):
-            raise ConfigError(f"WiSEFT(criterion={criterion!r}): use 'heldout' or 'avg'")
         if reference not in ("task_start", "base"):
             raise ConfigError(f"WiSEFT(reference={reference!r}): use 'task_start' or 'base'")
-        self.alpha, self.alphas, self.criterion, self.reference = alpha, grid, criterion, reference
-        self.validation = list(validation or [])
-        self.select_on = list(select_on) if select_on else [v.name for v in self.validation]
-        self.allow_reported, self.record_pre_merge = allow_select_on_reported, record_pre_merge
+        self.alpha, self.alphas, self.reference = alpha, grid, reference
+        self.selection = Selection("WiSEFT", validation or [], select_on, criterion, allow_select_on_reported)
+        self.record_pre_merge = record_pre_merge
         self.ref: dict[str, torch.Tensor] = {}  # θ_ref of the current task
         self.started, self.merged = -1, -1  # last task whose start was stored / whose end was merged
         self.chosen: list[float] = []  # α kept after each task
         self.records: list[dict] = []  # per task: α scores and the pre-merge evaluation
-        self._columns: list[EvalColumn] | None = None
 
     # ---- Strategy hooks -----------------------------------------------------------------------
-    def setup(self, module, pl_module=None, stage=None) -> None:
-        """`Strategy.setup(module)`, or `Callback.setup(trainer, pl_module, stage)` on the callback path."""
-        self.refuse_lora(module if pl_module is None else pl_module)
+    def setup(self, ctx, pl_module=None, stage=None) -> None:
+        """`Strategy.setup(ctx)`, or `Callback.setup(trainer, pl_module, stage)` on the callback path."""
+        strategies = (ctx if pl_module is None else pl_module.context).strategies
+        if any(s.reparametrizes_weights for s in strategies):
+            raise ConfigError(
+                "WiSEFT cannot be combined with the LoRA strategy (it would interpolate A and B, not the weights); drop one"
+            )
 
-    def on_task_start(self, module, task: int) -> None:
-        self.selection_keys(module)  # refuse a bad selection before the first step
+    def on_task_start(self, ctx, task: int) -> None:
+        self.keys(ctx)  # refuse a bad selection before the first step
         if self.reference == "task_start" or not self.ref:
-            self.ref = trainable_snapshot(module.model)
+            self.ref = trainable_snapshot(ctx.model)
         self.started = task
 
-    def before_evaluation(self, module, task: int) -> None:
+    def before_evaluation(self, ctx, task: int) -> None:
         if self.merged == task:
             return  # resumed after this task's merge
-        params = {n: p for n, p in module.model.named_parameters() if p.requires_grad}
-        end = trainable_snapshot(module.model)
+        params = {n: p for n, p in ctx.model.named_parameters() if p.requires_grad}
+        end = trainable_snapshot(ctx.model)
         record: dict = {"task": task}
         if self.record_pre_merge:
-            record["pre_merge"] = {k: r.value for k, r in module.evaluate_all().items()}
+            record["pre_merge"] = {k: r.value for k, r in ctx.evaluate().items()}
         best = self.alphas[0]
         if len(self.alphas) > 1:
-            best, record["scores"] = self.search(module, params, end, task, record.get("pre_merge"))
+            best, record["scores"] = self.search(ctx, params, end, task, record.get("pre_merge"))
         merge_(params, self.ref, end, best)
         record["alpha"] = best
         self.chosen.append(best)
         self.records.append(record)
         self.merged = task
-        self.publish(module, record)
+        self.publish(ctx, record)
 
     # ---- choosing α ---------------------------------------------------------------------------
-    def selection_keys(self, module) -> list[str]:
-        """The set names α is chosen on; refuses unknown names and unallowed reported sets (one line)."""
-        if len(self.alphas) == 1:
-            return []
-        stream = module.trainer.datamodule
-        reported, own = list(stream.eval_names), [v.name for v in self.validation]
-        if clash := sorted(set(own) & set(reported)):
-            raise ConfigError(
-                f"WiSEFT.validation names {clash} are also eval sets of the stream; rename them"
-            )
-        keys = self.select_on
-        if not keys and self.criterion == "heldout":
-            keys = [h.name for h in stream.heldout]
-            if not keys:
-                raise ConfigError(
-                    "WiSEFT(criterion='heldout') needs data.heldout sets; add some or use criterion 'avg'"
-                )
-        keys = keys or reported
-        if unknown := [k for k in keys if k not in own and k not in reported]:
-            raise ConfigError(
-                f"WiSEFT.select_on {unknown}: not a validation set {own} nor an eval set {reported}"
-            )
-        if (chosen_on := [k for k in keys if k in reported]) and not self.allow_reported:
-            raise ConfigError(
-                f"WiSEFT would choose α on {chosen_on}, sets the accuracy matrix reports (biased); name "
-                "WiSEFT.validation sets in select_on, or set allow_select_on_reported: true"
-            )
-        return keys
+    def keys(self, ctx) -> list[str]:
+        return self.selection.keys(ctx.data) if len(self.alphas) > 1 else []
 
-    def search(self, module, params, end, task: int, pre_merge: dict | None) -> tuple[float, dict]:
-        keys = self.selection_keys(module)
-        own = [k for k in keys if k in {v.name for v in self.validation}]
+    def search(self, ctx, params, end, task: int, pre_merge: dict | None) -> tuple[float, dict]:
+        keys = self.keys(ctx)
         best, best_score, scores = self.alphas[0], -math.inf, {}
         for alpha in self.alphas:
             merge_(params, self.ref, end, alpha)
-            results = {}
-            if len(own) < len(keys):  # some selection sets are stream columns (allowed explicitly)
-                reuse = alpha == 1 and pre_merge is not None
-                results = dict(pre_merge) if reuse else {k: r.value for k, r in module.evaluate_all().items()}
-            if own:
-                results.update({k: r.value for k, r in self.score_validation(module).items()})
-            score = sum(results[k] for k in keys) / len(keys)
+            results = self.selection.scores(ctx, keys, pre_merge if alpha == 1 else None)
+            score = self.selection.mean(results, keys)
             scores[f"{alpha:g}"] = {"score": score, **results}
-            if module.logger is not None:
-                module.logger.log_metrics(
-                    {f"wise_ft/alpha_{alpha:g}/{k}": v for k, v in results.items()}, step=task
-                )
+            ctx.log_metrics({f"wise_ft/alpha_{alpha:g}/{k}": v for k, v in results.items()}, step=task)
             if score > best_score:  # ties keep the earlier α of the grid
                 best, best_score = alpha, score
         return best, scores
 
-    def score_validation(self, module) -> dict:
-        stream = module.trainer.datamodule
-        if self._columns is None:
-            self._columns = outside_columns(self.validation, stream.eval_limit)
-        return evaluate_outside(module, self._columns, stream.eval_batch_size)
-
     # ---- records ------------------------------------------------------------------------------
-    def publish(self, module, record: dict) -> None:
-        if module.logger is not None:
-            metrics = {"wise_ft/alpha": record["alpha"]}
-            module.logger.log_metrics(metrics, step=record["task"])
-            pre = {f"wise_ft/pre_merge/{k}": v for k, v in record.get("pre_merge", {}).items()}
-            if pre:
-                module.logger.log_metrics(pre, step=record["task"] + 1)
-        if module.global_rank_zero() and module.run_dir:
-            summary = {
-                "convention": "theta = (1 - alpha) * theta_ref + alpha * theta_end",
-                "reference": self.reference,
-                "alphas": self.alphas,
-                "select_on": self.selection_keys(module),
-                "tasks": self.records,
-            }
-            atomic_write(os.path.join(module.run_dir, "wise_ft.json"), json.dumps(summary, indent=2))
-
-    @staticmethod
-    def refuse_lora(module) -> None:
-        if any(s.reparametrizes_weights for s in getattr(module, "strategies", [])):
-            raise ConfigError(
-                "WiSEFT cannot be combined with the LoRA strategy (it would interpolate A and B, not the weights); drop one"
-            )
+    def publish(self, ctx, record: dict) -> None:
+        ctx.log_metrics({"wise_ft/alpha": record["alpha"]}, step=record["task"])
+        if pre := {f"wise_ft/pre_merge/{k}": v for k, v in record.get("pre_merge", {}).items()}:
+            ctx.log_metrics(pre, step=record["task"] + 1)
+        summary = {
+            "convention": "theta = (1 - alpha) * theta_ref + alpha * theta_end",
+            "reference": self.reference,
+            "alphas": self.alphas,
+            "select_on": self.keys(ctx),
+            "tasks": self.records,
+        }
+        ctx.write_record("wise_ft.json", json.dumps(summary, indent=2))
 
     # ---- the callback path (WiSEFT under trainer.callbacks) ----------------------------------
     def on_train_epoch_start(self, trainer, pl_module):
         if self.started != trainer.current_epoch:  # resumed inside the task: θ_ref comes from the checkpoint
-            self.on_task_start(pl_module, trainer.current_epoch)
+            self.on_task_start(pl_module.context, trainer.current_epoch)
 
     def on_train_epoch_end(self, trainer, pl_module):
-        self.before_evaluation(pl_module, trainer.current_epoch)
+        self.before_evaluation(pl_module.context, trainer.current_epoch)
 
     # ---- state (both paths) -------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -39,8 +39,8 @@ class SeenByEval(Strategy):
     def __init__(self):
         self.seen: list[dict[str, torch.Tensor]] = []
 
-    def on_task_end(self, module, task):
-        self.seen.append(weights(module))
+    def on_task_end(self, ctx, task):
+        self.seen.append(weights(ctx))
 
 
 def quiet_trainer(tmp_path, **kwargs) -> L.Trainer:

@@ -192,7 +192,7 @@ class NonFiniteAt(Strategy):
     def __init__(self, batches: list[int]):
         self.batches, self.seen = list(batches), 0
 
-    def loss(self, module, batch, outputs):
+    def loss(self, ctx, batch, outputs):
         self.seen += 1
         return outputs.loss * float("nan") if self.seen - 1 in self.batches else None
 

@@ -68,7 +68,7 @@ def test_adapter_adds_alpha_over_r_times_b_a_and_merges_it():
     with torch.no_grad():
         torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
     update = 3.0 * b.detach() @ a.detach()
-    module.strategies[0].on_task_end(module, 0)
+    module.strategies[0].on_task_end(module.context, 0)
     torch.testing.assert_close(layer.get_base_layer().weight.detach(), w + update, rtol=0, atol=1e-6)
     assert not b.any()  # a fresh adapter adds nothing
 

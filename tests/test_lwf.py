@@ -65,16 +65,16 @@ def test_mask_selects_exactly_the_answer_tokens(family):
 def test_kl_is_zero_at_task_start_and_matches_a_hand_computation(family):
     module = built(family)
     lwf = LwF(lam=0.7, temperature=2.0)
-    lwf.on_task_start(module, 0)
+    lwf.on_task_start(module.context, 0)
     batch = real_batch(module)
     module.model.eval()
-    term = lwf.loss(module, batch, module(batch))
+    term = lwf.loss(module.context, batch, module(batch))
     assert term.requires_grad and abs(term.item()) < 1e-6
 
     teacher_model = copy.deepcopy(module.model)  # the test may keep a second model; LwF does not
     nudge(module)
     student = module(batch).logits
-    term = lwf.loss(module, batch, module(batch))
+    term = lwf.loss(module.context, batch, module(batch))
     with torch.no_grad():
         teacher = teacher_model(**{k: v for k, v in batch.items()}).logits
     labels, total, count = batch["labels"], 0.0, 0
@@ -92,10 +92,10 @@ def test_kl_is_zero_at_task_start_and_matches_a_hand_computation(family):
 def test_gradients_reach_only_trainable_parameters():
     module = built("llava")
     lwf = LwF()
-    lwf.on_task_start(module, 0)
+    lwf.on_task_start(module.context, 0)
     nudge(module)
     batch = real_batch(module)
-    lwf.loss(module, batch, module(batch)).backward()
+    lwf.loss(module.context, batch, module(batch)).backward()
     for name, p in module.model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -111,14 +111,14 @@ def test_the_in_place_teacher_pass_leaves_the_student_gradient_exact():
     CE + LwF must equal the one computed with a separate teacher model."""
     module = built("llava")
     lwf = LwF(lam=1.0)
-    lwf.on_task_start(module, 0)
+    lwf.on_task_start(module.context, 0)
     teacher_model = copy.deepcopy(module.model)
     nudge(module)
     batch = real_batch(module)
     module.model.eval()  # no dropout: both passes see the same function
 
     outputs = module(batch)
-    (outputs.loss + lwf.loss(module, batch, outputs)).backward()
+    (outputs.loss + lwf.loss(module.context, batch, outputs)).backward()
     ours = {n: p.grad.clone() for n, p in module.model.named_parameters() if p.requires_grad}
     module.model.zero_grad(set_to_none=True)
 
@@ -193,16 +193,16 @@ def test_lwf_term_under_bf16_autocast_equals_a_separate_teacher():
     identity, so without the fix the teacher pass reused the student's casts and the term was exactly 0."""
     module = built("llava")
     lwf = LwF(lam=1.0, temperature=2.0)
-    lwf.on_task_start(module, 0)
+    lwf.on_task_start(module.context, 0)
     teacher_model = copy.deepcopy(module.model)
     nudge(module)
     batch = real_batch(module)
     module.model.eval()
-    fp32 = lwf.loss(module, batch, module(batch)).item()
+    fp32 = lwf.loss(module.context, batch, module(batch)).item()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the default: cache_enabled=True
         outputs = module(batch)
         assert outputs.logits.dtype == torch.bfloat16  # autocast really is on
-        ours = lwf.loss(module, batch, outputs)
+        ours = lwf.loss(module.context, batch, outputs)
         reference = separate_teacher_term(module, teacher_model, batch, outputs)
     assert reference.item() > 1e-3
     assert ours.item() == pytest.approx(reference.item(), rel=1e-3)
@@ -224,7 +224,7 @@ def test_lwf_term_under_layerwise_fsdp_precision_on_gpu(tmp_path):
     )  # fmt: skip
     module = built("llava").cuda()
     lwf = LwF(lam=1.0, temperature=2.0)
-    lwf.on_task_start(module, 0)
+    lwf.on_task_start(module.context, 0)
     teacher_model = copy.deepcopy(module.model)
     nudge(module)
     batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in real_batch(module).items()}
@@ -232,7 +232,7 @@ def test_lwf_term_under_layerwise_fsdp_precision_on_gpu(tmp_path):
     with trainer.precision_plugin.forward_context():
         assert torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled()
         outputs = module(batch)
-        ours = lwf.loss(module, batch, outputs)
+        ours = lwf.loss(module.context, batch, outputs)
         reference = separate_teacher_term(module, teacher_model, batch, outputs)
     assert reference.item() > 1e-3
     assert ours.item() == pytest.approx(reference.item(), rel=1e-3)

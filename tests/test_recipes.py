@@ -146,10 +146,10 @@ def test_recipe_trains_exactly_the_expected_parameters(family, recipe_name):
     assert got == want, f"extra {sorted(got - want)[:5]}, missing {sorted(want - got)[:5]}"
 
     # Idempotent: applying it again, or after another recipe, gives the same set.
-    module.recipe.setup(module)
+    module.recipe.setup(module.context)
     assert trainable(module) == want
-    Full().setup(module)
-    module.recipe.setup(module)
+    Full().setup(module.context)
+    module.recipe.setup(module.context)
     assert trainable(module) == want
 
 

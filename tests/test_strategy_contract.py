@@ -138,14 +138,14 @@ def test_l2_anchor_value_and_gradient():
     anchor = L2Anchor(lam=0.3)
     module = MLLMModule(family="llava", recipe=SAProj(), strategies=[anchor])
     module.configure_model()
-    anchor.on_task_start(module, 0)
-    assert anchor.loss(module, {}, None).item() == 0.0
+    anchor.on_task_start(module.context, 0)
+    assert anchor.loss(module.context, {}, None).item() == 0.0
     gen = torch.Generator().manual_seed(0)
     params = {n: p for n, p in module.model.named_parameters() if p.requires_grad}
     with torch.no_grad():
         for p in params.values():
             p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    term = anchor.loss(module, {}, None)
+    term = anchor.loss(module.context, {}, None)
     by_hand = 0.15 * sum(float(((p - anchor.anchor[n]) ** 2).sum()) for n, p in params.items())
     assert term.item() == pytest.approx(by_hand, rel=1e-5)
     term.backward()

@@ -43,12 +43,12 @@ class SeenByEval(Strategy):
     def __init__(self, score_end: bool = False):
         self.seen, self.end_scores, self.score_end = [], [], score_end
 
-    def on_task_end(self, module, task):
+    def on_task_end(self, ctx, task):
         if self.score_end:  # the fine-tuned model, scored here independently of WiSE-FT's record
-            self.end_scores.append({k: r.value for k, r in module.evaluate_all().items()})
+            self.end_scores.append({k: r.value for k, r in ctx.evaluate().items()})
 
-    def before_evaluation(self, module, task):
-        self.seen.append(weights(module))
+    def before_evaluation(self, ctx, task):
+        self.seen.append(weights(ctx))
 
 
 def src(skill, seed, n=16):

@@ -345,7 +345,7 @@ class TaskStream(L.LightningDataModule):
         index = min(self.trainer.current_epoch, len(self.tasks) - 1)
         module, table = self.trainer.lightning_module, self._train[index]
         for strategy in module.all_strategies:
-            table = strategy.train_data(module, index, table)
+            table = strategy.train_data(module.context, index, table)
         num = self.steps_for(index) * self._accumulate() * self.batch_size
         sampler = TaskSampler(
             len(table),
