@@ -68,7 +68,14 @@ def results(out: Path) -> dict:
     return json.loads((out / "runs" / "resume" / "v" / "results.json").read_text())
 
 
-def test_crash_mid_task_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
+def predictions(out: Path) -> dict[str, str]:
+    """Every saved answer file of the run, by path below predictions/ (the model's generated text:
+    equal files mean equal answers, even where every accuracy is 0)."""
+    root = out / "runs" / "resume" / "v" / "predictions"
+    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*.jsonl"))}
+
+
+def test_crash_mid_task_then_resume_equals_uninterrupted(tmp_path, monkeypatch, capsys):
     straight = tmp_path / "straight"
     main(["fit", "--config", str(write_config(straight))])
 
@@ -81,11 +88,15 @@ def test_crash_mid_task_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
     stopped = last_checkpoint(cut)
     assert stopped["global_step"] == 6 and stopped["epoch"] == 1  # resumes 2 batches into task 2
     monkeypatch.delenv("MLLM_CL_TEST_CRASH_AT")
+    capsys.readouterr()
     main(["fit", "--config", str(config), "--ckpt_path", "last"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[mllm_cl] after ")]
+    assert [r.split(":")[0] for r in rows] == ["[mllm_cl] after t2"]  # base and t1 are not scored again
 
     want, got = results(straight), results(cut)
     assert got["row_labels"] == want["row_labels"] == ["base", "t1", "t2"]  # no row lost or doubled
     assert got["matrix"] == want["matrix"]  # exact
+    assert predictions(cut) == predictions(straight) and len(predictions(straight)) == 3 * 2  # rows × sets
     want_ckpt, got_ckpt = last_checkpoint(straight), last_checkpoint(cut)
     assert got_ckpt["global_step"] == want_ckpt["global_step"] == 2 * STEPS
     want_w, got_w = want_ckpt["state_dict"], got_ckpt["state_dict"]
