@@ -107,6 +107,7 @@ class MLLMModule(L.LightningModule):
         self.param_counts: dict[str, dict[str, int]] = {}
         self.length_counts = LengthCounters()
         self._context: StrategyContext | None = None
+        self._canonical: dict[str, str] | None = None  # real -> canonical name, computed on first use
         # Checkpoints leave frozen weights out (they come from the config / pretrained path), so every
         # loader, including the strategies' own (FSDP full checkpoints), must load non-strictly.
         self.strict_loading = False
@@ -155,13 +156,13 @@ class MLLMModule(L.LightningModule):
 
     def canonical_names(self) -> dict[str, str]:
         """Real parameter name -> canonical ``component.name`` (see `mllm_cl.families`)."""
-        if not hasattr(self, "_canonical"):
+        if self._canonical is None:
             self._canonical = self.family.canonical_names(self.model)
         return self._canonical
 
     def forget_canonical_names(self) -> None:
         """The parameters changed (LoRA added adapters): names are recomputed on next use."""
-        self.__dict__.pop("_canonical", None)
+        self._canonical = None
 
     def component_of(self, real_name: str) -> str:
         return self.canonical_names()[real_name].split(".", 1)[0]
