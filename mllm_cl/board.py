@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import math
 
-from mllm_cl.report import heatmap_figure
+from mllm_cl.report_plots import heatmap_figure
 from mllm_cl.results import StreamResults
 
 ANSWERS_PER_SET = 8
