@@ -134,7 +134,14 @@ def line_figure(
     or None for grey), drawn dashed."""
     fig, ax = _figure(max(5.5, 0.8 * len(labels) + 2.5), 4.2)
     for i, (name, values) in enumerate(series.items()):
-        ax.plot(range(len(values)), [v * 100 for v in values], marker="o", label=name, color=f"C{i}")
+        ax.plot(
+            range(len(values)),
+            [v * 100 for v in values],
+            marker="o",
+            label=name,
+            color=f"C{i}",
+            clip_on=False,
+        )
     for n, (value, label, index) in enumerate(baselines):
         colour = GREY if index is None else f"C{index}"
         line = ax.axhline(value * 100, linestyle="--", linewidth=1.2, color=colour, label=label)
