@@ -13,7 +13,7 @@ stream of T tasks gives T + 1 points; training series (`train/*`, `lr-*`) use th
 | `answers/<set>` (text) | the same 8 samples of each set every row: prompt, reference, answer, correct? |
 | `train/ce`, `train/<Strategy>`, `train/loss` | CE, each strategy's extra term, and their sum (only with a term) |
 | `lr-AdamW/*` | learning rate per parameter group (LearningRateMonitor) |
-| HParams tab | recipe, strategies and their arguments, tasks, seed, batch; final measures as metrics |
+| HParams tab | method (run name), recipe, strategies and their arguments, tasks, seed, batch; final measures as metrics |
 
 NaN (an undefined measure, e.g. forgetting before two tasks) is never logged: TensorBoard would draw
 it as a point.
@@ -24,10 +24,14 @@ from __future__ import annotations
 import hashlib
 import math
 
-from mllm_cl.report import heatmap_figure
+from mllm_cl.report import matrix_markdown
+from mllm_cl.report_plots import heatmap_figure
 from mllm_cl.results import StreamResults
 
 ANSWERS_PER_SET = 8
+TABLE_NOTE = "Accuracy in % (as the heatmap and report.md); rows: after training; – : not evaluated."
+# The HParams table's default columns (see hparams_summaries).
+PRIMARY_HPARAMS = ("method", "recipe", "strategies", "tasks", "params_trainable")
 FINAL_MEASURES = ("avg_accuracy", "learning", "heldout_change", "forgetting", "bwt", "fwt", "heldout_avg")
 
 
@@ -97,7 +101,7 @@ def log_row(logger, results: StreamResults, column_results: dict, title: str) ->
     logger.log_metrics(row_scalars(results, parts), step=row)
     writer = logger.experiment
     writer.add_figure("matrix/heatmap", heatmap_figure(results, title), row, close=True)
-    writer.add_text("matrix/table", results.to_markdown(), row)
+    writer.add_text("matrix/table", f"{matrix_markdown(results)}\n\n{TABLE_NOTE}", row)
     for name, r in column_results.items():
         if r.records:
             writer.add_text(f"answers/{name}", answers_markdown(r.records), row)
@@ -108,6 +112,7 @@ def run_hparams(module) -> dict:
     """Recipe, strategies with their arguments, tasks, seed and batch: what tells runs apart."""
     stream, hp = module.stream, module.hparams
     params = {
+        "method": module.run_name,  # the run name, e.g. saproj+lwf, full+wiseft0.5
         "recipe": type(module.recipe).__name__,
         "strategies": "+".join(type(s).__name__ for s in module.strategies) or "none",
         "tasks": ",".join(t.name for t in stream.tasks),
@@ -131,9 +136,35 @@ def run_hparams(module) -> dict:
     return params
 
 
+def hparams_summaries(params: dict, metrics: dict) -> tuple:
+    """TensorBoard's hparams summaries (experiment, session start, session end) for one run.
+
+    TensorBoard reads the experiment of one run only (the first it finds) and its table shows the
+    first 5 hparams sorted by (not ``differs``, name). Unmarked, those would be batch_size, family,
+    lr, params_total, params_trainable, and the recipe would be hidden. So the hparams that tell
+    runs apart (PRIMARY_HPARAMS) are marked ``differs`` and come first."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    from torch.utils.tensorboard.summary import hparams
+
+    exp, ssi, sei = hparams(params, metrics)
+    value = exp.value[0]
+    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    for info in data.experiment.hparam_infos:
+        info.differs = info.name in PRIMARY_HPARAMS
+    value.metadata.plugin_data.content = data.SerializeToString()
+    return exp, ssi, sei
+
+
 def log_final(logger, module, results: StreamResults) -> None:
-    """At the stream's end: hparams with the final measures as its metrics (no placeholder hp_metric)."""
+    """At the stream's end: hparams with the final measures as its metrics, logged at the last row
+    (no placeholder hp_metric)."""
     summary = results.summary()
     metrics = _finite({f"final/{k}": summary.get(k, math.nan) for k in FINAL_MEASURES})
-    logger.log_hyperparams(run_hparams(module), metrics=metrics)
+    params = run_hparams(module)
+    logger.hparams.update(params)  # hparams.yaml, as Lightning's log_hyperparams keeps them
+    step = len(results.rows) - 1
+    logger.log_metrics(metrics, step=step)
+    writer = logger.experiment._get_file_writer()
+    for item in hparams_summaries(params, metrics):
+        writer.add_summary(item, step)
     logger.experiment.flush()

@@ -130,7 +130,10 @@ def main(argv: list[str] | None = None) -> None:
     paths = plot(runs, out)
     atomic_write(os.path.join(out, "report.md"), text)
     print("report: " + ", ".join([os.path.join(out, "report.md"), *paths]))
-    print(f"demo wall time: {time.time() - start:.0f} s; TensorBoard: tensorboard --logdir runs/demo")
+    print(
+        f"demo wall time: {time.time() - start:.0f} s; TensorBoard: tensorboard --logdir runs/demo, "
+        "then http://localhost:6006/#scalars&_smoothingWeight=0 (no smoothing of the 3-point series)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """Compare finished runs the way Zhu et al. do: Δ learning and Δ held-out per recipe.
 
-``python -m mllm_cl report RUN [RUN ...] [--names a b] [--out DIR] [--no-plots]`` reads each run
+``python -m mllm_cl report RUN [RUN ...] [--names a b] [--out DIR] [--no-plots] [--format png|pdf|svg]``
+reads each run
 directory's ``results.json`` (written by ``fit``), prints a markdown comparison (numbers in percentage
 points, NaN as "–"), every run's accuracy matrix, the 2x2 ID/OOD table when ``results.json`` has a
 ``domains`` dict ``{column: {"image": "id"|"ood", "text": "id"|"ood"}}``, each held-out set's curve
-(base, lowest, final, max drop, recovered), and, when the run directory has the live probe's
+(base, lowest, final, max drop, recovered, chance or majority level: `mllm_cl.chance`), and, when the run directory has the live probe's
 ``probe.jsonl``, the correlation across matrix rows between the probe's number mass and the held-out
-change; it writes ``report.md`` plus PNG plots (heatmaps, held-out curves per run and per set) to
-``--out`` (default: the first run's parent folder / ``report``). The measures are defined in
+change; it writes ``report.md`` plus plots (heatmaps, held-out curves per run and per set, all in %
+from 0 to 100: `mllm_cl.report_plots`) to ``--out`` (default: the first run's parent folder / ``report``). The measures are defined in
 `mllm_cl.continual`. ``--examples N`` adds, per run, up to N answers per eval set that changed
 between consecutive rows (`mllm_cl.predictions`).
 """
@@ -18,17 +19,24 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 from collections.abc import Mapping, Sequence
 
-from mllm_cl.continual import per_row_summary
+from mllm_cl.chance import levels
 from mllm_cl.predictions import format_examples
 from mllm_cl.probe_report import probe_correlation, probe_rows, read_probe
+from mllm_cl.report_plots import (  # noqa: F401 (heatmap_figure, line_figure: imported from here by callers)
+    DASH,
+    FORMATS,
+    MINUS,
+    figures_for,
+    fmt_pp,
+    heatmap_figure,
+    line_figure,
+    save,
+)
 from mllm_cl.results import StreamResults, load_results
 
-MINUS = "\u2212"
-DASH = "\u2013"
 QUADRANTS = [("id", "id"), ("id", "ood"), ("ood", "id"), ("ood", "ood")]
 COLUMNS = [  # (header, summary key, signed)
     ("Δ learning", "learning", True),
@@ -44,16 +52,17 @@ COLUMNS = [  # (header, summary key, signed)
 ]
 
 
+CHANCE_NOTE = (
+    "The dashed lines in the held-out plots are these levels: *chance* = the mean over samples of "
+    "1 / the number of options the prompt lists; *majority* = the share of samples whose reference is "
+    "the set's most common answer (the accuracy of always giving it). The mean held-out plot draws "
+    "their mean."
+)
+NO_CHANCE_NOTE = "No saved predictions (predictions/<row>/<set>.jsonl): the plots draw no chance line."
+
+
 def quadrant_name(image: str, text: str) -> str:
     return f"{image.upper()} img / {text.upper()} text"
-
-
-def fmt_pp(value: float, signed: bool = False) -> str:
-    """A fraction as percentage points with one decimal: 0.249 -> "+24.9" (signed), NaN -> "–"."""
-    if value is None or math.isnan(value):
-        return DASH
-    pp = round(float(value) * 100, 1) + 0.0  # + 0.0 turns -0.0 into 0.0
-    return (f"{pp:+.1f}" if signed else f"{pp:.1f}").replace("-", MINUS)
 
 
 def _results_path(run_dir: str) -> str:
@@ -186,21 +195,24 @@ def compare(run_dirs: list[str], names: list[str] | None = None) -> str:
             parts.append(
                 "\n".join(f"- {quadrant_name(*q)}: {', '.join(c) or DASH}" for q, c in members.items())
             )
-        parts += heldout_curves_markdown(name, res)
+        parts += heldout_curves_markdown(name, res, run_dir)
         parts += emt_markdown(name, res, run_dir)
         parts += probe_markdown(name, res, read_probe(run_dir))
     return "\n\n".join(parts) + "\n"
 
 
-def heldout_curves_markdown(name: str, res: StreamResults) -> list[str]:
-    """Per held-out set: base, lowest after training, final, max drop and recovered (percentage points)."""
+def heldout_curves_markdown(name: str, res: StreamResults, run_dir: str | None = None) -> list[str]:
+    """Per held-out set: base, lowest after training, final, max drop, recovered (percentage points) and
+    its chance or majority level (`mllm_cl.chance`, from the saved predictions of ``run_dir``)."""
     if not res.heldout or len(res.rows) < 2:
         return []
     s = res.summary()
+    found = levels(_folder(run_dir)) if run_dir else {}
     body = []
     for h in res.heldout:
         j = res.columns.index(h)
         after = [row[j] for row in res.rows[1:] if not math.isnan(row[j])]
+        lvl = found.get(h)
         body.append(
             [
                 h,
@@ -209,10 +221,11 @@ def heldout_curves_markdown(name: str, res: StreamResults) -> list[str]:
                 fmt_pp(res.rows[-1][j]),
                 fmt_pp(s.get(f"heldout_max_drop/{j}", math.nan), True),
                 fmt_pp(s.get(f"heldout_recovery/{j}", math.nan), True),
+                f"{fmt_pp(lvl.value)} ({lvl.describe()})" if lvl else DASH,
             ]
         )
-    header = ["held-out set", "base", "lowest", "final", "max drop", "recovered"]
-    return [f"### {name}: held-out sets", _table(header, body)]
+    header = ["held-out set", "base", "lowest", "final", "max drop", "recovered", "chance / majority"]
+    return [f"### {name}: held-out sets", _table(header, body), CHANCE_NOTE if found else NO_CHANCE_NOTE]
 
 
 def emt_markdown(name: str, res: StreamResults, run_dir: str) -> list[str]:
@@ -261,97 +274,16 @@ def probe_markdown(name: str, res: StreamResults, records: Sequence[dict]) -> li
     ]
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"
-
-
-def heatmap_figure(results: StreamResults, title: str):
-    """Figure of the accuracy matrix: colour scale 0..1, values annotated, NaN cells grey."""
-    import numpy as np
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    data = np.array(results.rows, dtype=float)
-    nrows, ncols = data.shape
-    fig = Figure(figsize=(max(5.0, 0.75 * ncols + 2.5), max(3.0, 0.55 * nrows + 1.8)), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    cmap = colormaps["viridis"].with_extremes(bad="lightgrey")
-    image = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
-    fig.colorbar(image, ax=ax, label="accuracy")
-    ax.set_xticks(range(ncols), results.columns, rotation=40, ha="right", rotation_mode="anchor")
-    ax.set_yticks(range(nrows), results.labels)
-    ax.set_xlabel("eval set (tasks | held-out)")
-    ax.set_ylabel("after training")
-    if results.heldout and results.tasks:
-        ax.axvline(len(results.tasks) - 0.5, color="white", linewidth=2)
-    for i in range(nrows):
-        for j in range(ncols):
-            v = data[i, j]
-            text, colour = (DASH, "black") if math.isnan(v) else (f"{v:.2f}", "white" if v < 0.5 else "black")
-            ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=8)
-    ax.set_title(f"{title}: accuracy matrix")
-    return fig
-
-
-def line_figure(series: Mapping[str, Sequence[float]], labels: Sequence[str], title: str, ylabel: str):
-    """One line per run over the stream (x = row labels); NaN points are gaps."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(max(5.0, 0.8 * len(labels) + 2.5), 4.0), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for name, values in series.items():
-        ax.plot(range(len(values)), [v * 100 for v in values], marker="o", label=name)
-    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", rotation_mode="anchor")
-    ax.set_xlabel("after training")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    if series:
-        ax.legend(fontsize=8)
-    return fig
-
-
 def figures(run_dirs: list[str], names: list[str] | None = None) -> dict:
-    """{file stem: matplotlib Figure}: one heatmap and one per-held-out-set curve plot per run, then the
-    mean held-out and seen-task curves of all runs over the stream."""
-    names = _names(run_dirs, names)
+    """{file stem: matplotlib Figure}: per run a heatmap and a per-held-out-set plot, then the mean
+    held-out and seen-task curves of all runs (`mllm_cl.report_plots` says what each shows)."""
     runs = [load_results(_results_path(d)) for d in run_dirs]
-    out = {}
-    for i, (name, res) in enumerate(zip(names, runs, strict=True)):
-        stem = f"heatmap_{_safe(name)}"
-        out[stem if stem not in out else f"{stem}_{i}"] = heatmap_figure(res, name)
-    for i, (name, res) in enumerate(zip(names, runs, strict=True)):
-        if res.heldout and res.rows:
-            series = {h: [row[res.columns.index(h)] for row in res.rows] for h in res.heldout}
-            stem = f"heldout_sets_{_safe(name)}"
-            title = f"{name}: each held-out set across the stream"
-            out[stem if stem not in out else f"{stem}_{i}"] = line_figure(
-                series, res.labels, title, "accuracy (%)"
-            )
-    per_row = [per_row_summary(r.rows, len(r.tasks)) if r.rows else [] for r in runs]
-    labels = max((r.labels for r in runs), key=len, default=[])
-    for stem, key, title, ylabel in (
-        ("heldout", "heldout_avg", "Held-out accuracy across the stream", "mean held-out accuracy (%)"),
-        ("avg_seen", "avg_seen", "Average accuracy over seen tasks", "mean accuracy on trained tasks (%)"),
-    ):
-        series = {n: [p[key] for p in rows] for n, rows in zip(names, per_row, strict=True)}
-        out[stem] = line_figure(series, labels, title, ylabel)
-    return out
+    return figures_for(_names(run_dirs, names), [_folder(d) for d in run_dirs], runs)
 
 
-def plot(run_dirs: list[str], out_dir: str, names: list[str] | None = None) -> list[str]:
-    """Writes the figures of :func:`figures` as PNGs into ``out_dir``; returns their paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for stem, fig in figures(run_dirs, names).items():
-        path = os.path.join(out_dir, f"{stem}.png")
-        fig.savefig(path, dpi=120)
-        paths.append(path)
-    return paths
+def plot(run_dirs: list[str], out_dir: str, names: list[str] | None = None, fmt: str = "png") -> list[str]:
+    """Writes the figures of :func:`figures` as ``fmt`` (png, pdf or svg) files into ``out_dir``."""
+    return save(figures(run_dirs, names), out_dir, fmt)
 
 
 def log_figures_to_tensorboard(run_dir: str, figures: Mapping, step: int = 0) -> None:
@@ -373,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories holding results.json")
     parser.add_argument("--names", nargs="+", help="display names, one per run (default: the recipe)")
     parser.add_argument("--out", help="output folder (default: <first run's parent>/report)")
-    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--no-plots", action="store_true", help="skip the plots")
+    parser.add_argument("--format", choices=FORMATS, default="png", help="plot file format (default: png)")
     parser.add_argument(
         "--examples",
         type=int,
@@ -402,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(paths[0], "w", encoding="utf-8") as fh:
         fh.write(text)
     if not args.no_plots:
-        paths += plot(args.runs, out, args.names)
+        paths += plot(args.runs, out, args.names, args.format)
     print(text)
     print("wrote:\n" + "\n".join(f"  {p}" for p in paths))
     return 0

@@ -117,12 +117,6 @@ class StreamResults:
             writer.writerow([label, *(f"{v:.4f}" for v in row)])
         return buf.getvalue()
 
-    def to_markdown(self) -> str:
-        lines = ["| after | " + " | ".join(self.columns) + " |", "|---" * (len(self.columns) + 1) + "|"]
-        for label, row in zip(self.labels, self.rows, strict=True):
-            lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
-        return "\n".join(lines)
-
     def write(self, folder: str) -> None:
         """accuracy_matrix.csv and results.json in `folder` (NaN written as null in JSON)."""
         atomic_write(os.path.join(folder, "accuracy_matrix.csv"), self.to_csv())

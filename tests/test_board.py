@@ -88,14 +88,20 @@ def test_method_name_from_config():
 
 
 def test_heatmap_and_matrix_table_at_every_row(run):
-    _, events = run
+    run_dir, events = run
     assert [e.step for e in events.Images("matrix/heatmap")] == [0, 1, 2]
     assert all(e.width > 100 and e.height > 100 for e in events.Images("matrix/heatmap"))
     tables = events.Tensors("matrix/table/text_summary")
     assert [t.step for t in tables] == [0, 1, 2]
     last = tables[-1].tensor_proto.string_val[0].decode()
-    assert last.splitlines()[0] == "| after | count | colour | shape |"
-    assert [line.split("|")[1].strip() for line in last.splitlines()[2:]] == ["base", "count", "colour"]
+    table = [line for line in last.splitlines() if line.startswith("|")]
+    assert table[0] == "| after | count | colour | shape |"
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    assert [row[0] for row in cells] == ["base", "count", "colour"]
+    # In % with one decimal, as the heatmap and report.md (not fractions): results.json x 100.
+    matrix = json.loads((run_dir / "results.json").read_text())["matrix"]
+    assert [row[1:] for row in cells] == [[f"{v * 100:.1f}" for v in row] for row in matrix]
+    assert "Accuracy in %" in last
 
 
 def test_sample_answers_text(run):
@@ -132,6 +138,13 @@ def test_hparams_carry_the_method_and_final_measures(run):
     assert start.hparams["recipe"].string_value == "SAProj"
     assert start.hparams["strategies"].string_value == "LwF"
     assert start.hparams["LwF.temperature"].number_value == 2.0
+    assert start.hparams["method"].string_value == "saproj+lwf"
+    # TensorBoard's table shows the first 5 hparams sorted by (not differs, name) (its backend's
+    # _sort_and_reduce_to_hparams_limit, its frontend's Math.min(5, ...)): they must be the ones that
+    # tell runs apart, not batch_size, family, lr, params_total, params_trainable (alphabetical).
+    shown = sorted(experiment.hparam_infos, key=lambda h: (not h.differs, h.name))[:5]
+    assert {h.name for h in shown} == {"method", "recipe", "strategies", "tasks", "params_trainable"}
+    assert {"seed", "batch_size", "lr", "LwF.lam"} <= {h.name for h in experiment.hparam_infos}
     results = json.loads((run_dir / "results.json").read_text())
     final = events.Scalars("final/avg_accuracy")
     assert final[-1].value == pytest.approx(results["summary"]["avg_accuracy"])
