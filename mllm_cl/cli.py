@@ -26,8 +26,8 @@ import mllm_cl.data.benchmarks  # noqa: E402,F401  (sources nameable by short cl
 import strategies  # noqa: E402,F401  as strategy classes are: `class_path: Benchmark`, `class_path: SAProj`)
 from mllm_cl import rundir  # noqa: E402
 from mllm_cl.checkpointing import TaskCheckpoint, check_ckpt_file  # noqa: E402
+from mllm_cl.cli_errors import argument_line, one_line, user_error  # noqa: E402
 from mllm_cl.data.stream import TaskStream  # noqa: E402
-from mllm_cl.guards import argument_line, one_line, user_error  # noqa: E402
 from mllm_cl.module import MLLMModule  # noqa: E402
 from mllm_cl.results import method_name  # noqa: E402
 from mllm_cl.sharding import local_log_dir  # noqa: E402

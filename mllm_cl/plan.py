@@ -24,9 +24,9 @@ import sys
 from jsonargparse import ArgumentError
 
 import strategies
+from mllm_cl.cli_errors import argument_line, one_line
 from mllm_cl.errors import ConfigError, MllmClError
 from mllm_cl.families import FAMILIES, get_family
-from mllm_cl.guards import argument_line, one_line
 from mllm_cl.plan_arch import (  # noqa: F401  (bundled_configs, count_parameters: re-exported API)
     arch_of,
     build_meta_model,
