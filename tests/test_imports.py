@@ -128,3 +128,33 @@ def test_every_module_imports_alone():
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "FAILED:", out.stderr[-3000:]
     assert len(names) > 30
+
+
+def local_imports_of_ours(path: Path) -> list[str]:
+    """`module (line)` for each import of our own packages inside a function body."""
+    found = []
+    for fn in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    names = ["." * node.level + (node.module or "")]
+                found += [f"{n} (line {node.lineno})" for n in names if n.startswith((*PACKAGES, "."))]
+    return found
+
+
+def test_no_function_local_import_of_our_own_modules():
+    """Deferred imports of our own modules are how the old import cycle hid; with no cycle none is needed
+    (third-party heavy imports such as datasets or matplotlib may still be deferred)."""
+    offenders = {
+        name: hits for name, path in project_modules().items() if (hits := local_imports_of_ours(path))
+    }
+    assert not offenders, offenders
+
+
+def test_local_import_finder_sees_one(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("import os\n\ndef f():\n    import json\n    from mllm_cl.errors import ConfigError\n")
+    assert local_imports_of_ours(path) == ["mllm_cl.errors (line 5)"]
