@@ -134,11 +134,11 @@ MUTATIONS: list[Mutation] = [
       'layer.lora_B["default"].weight.mul_(1.0)', (T + "test_lora.py",)),
     # ---- NaN policy ----
     M("nan-skip-still-steps", "mllm_cl/guards.py",
-      'module.log("train/nonfinite_skipped", float(module.nonfinite_skipped))\n    return None',
-      'module.log("train/nonfinite_skipped", float(module.nonfinite_skipped))\n    return loss.nan_to_num(0.0)',
+      "module.counters.note_nonfinite(module)\n    return None",
+      "module.counters.note_nonfinite(module)\n    return loss.nan_to_num(0.0)",
       (T + "test_bad_input.py",)),
     M("nan-skip-count-not-cumulative", "mllm_cl/guards.py",
-      'module.nonfinite_skipped = getattr(module, "nonfinite_skipped", 0) + 1', "module.nonfinite_skipped = 1",
+      "self.nonfinite += 1", "self.nonfinite = 1",
       (T + "test_bad_input.py",)),
     # ---- replay ----
     M("replay-half-ratio", "strategies/replay.py", "[table, memory], [self.ratio],",
@@ -156,7 +156,7 @@ MUTATIONS: list[Mutation] = [
       'linear.weight.copy_(merged_weight(linear.weight, a, b, layer.scaling["default"]))', "pass",
       (T + "test_export.py::test_export_merges_lora_into_plain_weights",)),
     M("length-counts-not-checkpointed", "mllm_cl/module.py",
-      '"length_counts": self.length_counts.state_dict(),', '"length_counts": {},',
+      '"counters": self.counters.state_dict(),', '"counters": {},',
       (T + "test_bad_input.py::test_overlength_is_counted_never_silent",)),
 ]  # fmt: skip
 

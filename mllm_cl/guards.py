@@ -37,22 +37,23 @@ def guard_loss(module, loss: torch.Tensor, policy: str) -> torch.Tensor | None:
             f"{where}: training loss is {loss.item()}; lower model.lr, check that task's data, "
             "or set model.nonfinite_loss: skip"
         )
-    module.nonfinite_skipped = getattr(module, "nonfinite_skipped", 0) + 1
-    module.log("train/nonfinite_skipped", float(module.nonfinite_skipped))
+    module.counters.note_nonfinite(module)
     return None
 
 
 # ---- samples longer than data.max_length ------------------------------------------------------
-class LengthCounters:
-    """Samples skipped / truncated for length (never silent), owned by the module and checkpointed so
-    a resumed run goes on counting: cumulative TensorBoard series ``train/skipped_samples`` and
-    ``train/truncated_samples``, and this task's tally for the one-line summary at its end."""
+class TrainingCounters:
+    """What training skipped or cut, never silently: samples skipped / truncated for length and
+    batches skipped for a non-finite loss. Owned by the module and checkpointed, so a resumed run goes
+    on counting: cumulative TensorBoard series ``train/skipped_samples``, ``train/truncated_samples``
+    and ``train/nonfinite_skipped``, and each task's length tally for a one-line summary at its end."""
 
     KEYS = ("skipped", "truncated")
 
     def __init__(self):
         self.run = dict.fromkeys(self.KEYS, 0)
         self.task = dict.fromkeys(self.KEYS, 0)
+        self.nonfinite = 0  # batches skipped for a NaN / inf loss (nonfinite_loss: skip)
 
     def note(self, module, batch: dict) -> None:
         """Add a training batch's events (the collator's ``skipped``/``truncated`` counts) and log."""
@@ -62,6 +63,10 @@ class LengthCounters:
                 self.run[key] += n
                 self.task[key] += n
                 module.log(f"train/{key}_samples", float(self.run[key]))
+
+    def note_nonfinite(self, module) -> None:
+        self.nonfinite += 1
+        module.log("train/nonfinite_skipped", float(self.nonfinite))
 
     def end_task(self, module, task: int) -> None:
         """One line when some of the task's samples were skipped or truncated (summed over ranks;
@@ -82,9 +87,11 @@ class LengthCounters:
 
     def state_dict(self) -> dict:
         """This rank's counters."""
-        return {"run": dict(self.run), "task": dict(self.task)}
+        return {"run": dict(self.run), "task": dict(self.task), "nonfinite": self.nonfinite}
 
     def load_state_dict(self, state: dict | None) -> None:
+        state = state or {}
         for key in ("run", "task"):
-            if state and state.get(key):
+            if state.get(key):
                 setattr(self, key, {k: int(state[key].get(k, 0)) for k in self.KEYS})
+        self.nonfinite = int(state.get("nonfinite", 0))

@@ -20,7 +20,7 @@ from mllm_cl import board, checkpointing, curve, evaluation, faults, generation
 from mllm_cl.context import StrategyContext
 from mllm_cl.data.collate import BOOKKEEPING_KEYS
 from mllm_cl.families import get_family
-from mllm_cl.guards import LengthCounters, check_policy, guard_loss
+from mllm_cl.guards import TrainingCounters, check_policy, guard_loss
 from mllm_cl.optim import TaskSchedule, param_groups, reset_optimizer_state
 from mllm_cl.results import StreamResults, atomic_write
 from mllm_cl.sharding import check_attn_implementation, local_log_dir, shard_model
@@ -105,7 +105,7 @@ class MLLMModule(L.LightningModule):
         self.replaying_task_end = False  # True while a resumed run redoes an interrupted task end
         self.run_config: str | None = None  # the run's config (JSON, set by the CLI), kept in checkpoints
         self.param_counts: dict[str, dict[str, int]] = {}
-        self.length_counts = LengthCounters()
+        self.counters = TrainingCounters()  # skipped / truncated / non-finite, checkpointed
         self._context: StrategyContext | None = None
         self._canonical: dict[str, str] | None = None  # real -> canonical name, computed on first use
         # Checkpoints leave frozen weights out (they come from the config / pretrained path), so every
@@ -200,7 +200,7 @@ class MLLMModule(L.LightningModule):
         return self.model(**{k: v for k, v in batch.items() if k not in BOOKKEEPING_KEYS})
 
     def training_step(self, batch, batch_idx):
-        self.length_counts.note(self, batch)  # train/skipped_samples, train/truncated_samples
+        self.counters.note(self, batch)  # train/skipped_samples, train/truncated_samples
         if "input_ids" not in batch:
             return None  # every sample of the batch was skipped for length
         outputs = self(batch)
@@ -259,7 +259,7 @@ class MLLMModule(L.LightningModule):
         if len(self.results.rows) > task + 1:
             return  # this task's row was already recorded before a resume
         faults.point("task_end")  # callbacks' task-end work (WiSE-FT merge) done, in memory only
-        self.length_counts.end_task(self, task)
+        self.counters.end_task(self, task)
         for strategy in self.all_strategies:
             strategy.on_task_end(self.context, task)
             faults.point("strategy_end")
@@ -366,7 +366,7 @@ class MLLMModule(L.LightningModule):
             "task_started": self.task_started,
             "task_trained": self.task_trained,
             "strategies": [s.state_dict() for s in self.all_strategies],
-            "length_counts": self.length_counts.state_dict(),
+            "counters": self.counters.state_dict(),
         }
         checkpointing.on_save(self, checkpoint)  # drops frozen weights, adds RNG + identity
 
@@ -377,6 +377,8 @@ class MLLMModule(L.LightningModule):
             self.results = StreamResults.from_dict(state["results"])
         self.task_started = state.get("task_started", -1)
         checkpointing.restore_progress(self, state)  # task_trained: is a task end pending?
-        self.length_counts.load_state_dict(state.get("length_counts"))
+        self.counters.load_state_dict(
+            state.get("counters", state.get("length_counts"))
+        )  # older: length_counts
         for strategy, s_state in zip(self.all_strategies, state.get("strategies", []), strict=False):
             strategy.load_state_dict(s_state)

@@ -246,6 +246,8 @@ def test_nonfinite_loss_skip_makes_no_optimizer_step(tmp_path):
     events.Reload()
     counts = [s.value for s in events.Scalars("train/nonfinite_skipped")]
     assert counts[0] == 1.0 and counts[-1] == 2.0 and set(counts) == {1.0, 2.0}  # a running count
+    ckpt = torch.load(tmp_path / "runs" / "bad" / "fixed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["mllm_cl"]["counters"]["nonfinite"] == 2  # a resumed run goes on counting from 2
 
 
 def test_garbage_checkpoint(tmp_path, capsys):
@@ -341,7 +343,7 @@ def test_overlength_is_counted_never_silent(tmp_path, capsys, policy):
     assert want in line and "task 0 (t)" in line
     # The run's counters are in the checkpoint, so a resumed run goes on counting from 2, not 0.
     ckpt = torch.load(tmp_path / "runs" / "bad" / "fixed" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["mllm_cl"]["length_counts"]["run"][key] == 2
+    assert ckpt["mllm_cl"]["counters"]["run"][key] == 2
 
 
 @pytest.mark.parametrize(
