@@ -59,8 +59,8 @@ MUTATIONS: list[Mutation] = [
       "return temperature * kl.mean()", (T + "test_lwf.py",)),
     M("lwf-mask-unshifted", "strategies/lwf.py", "mask = labels[:, 1:] != -100", "mask = labels[:, :-1] != -100",
       (T + "test_lwf.py",)),
-    M("lwf-teacher-never-refreshed", "strategies/lwf.py", "self.teacher = trainable_snapshot(module.model)",
-      "self.teacher = self.teacher or trainable_snapshot(module.model)", (T + "test_lwf.py",)),
+    M("lwf-teacher-never-refreshed", "strategies/lwf.py", "self.teacher = trainable_snapshot(ctx.model)",
+      "self.teacher = self.teacher or trainable_snapshot(ctx.model)", (T + "test_lwf.py",)),
     # ---- WiSE-FT ----
     M("wiseft-alpha-swapped", "strategies/wise_ft.py", "p.copy_((1 - alpha) * ref[name] + alpha * end[name])",
       "p.copy_(alpha * ref[name] + (1 - alpha) * end[name])", (T + "test_wise_ft.py",)),
