@@ -158,6 +158,8 @@ MUTATIONS: list[Mutation] = [
     M("length-counts-not-checkpointed", "mllm_cl/module.py",
       '"counters": self.counters.state_dict(),', '"counters": {},',
       (T + "test_bad_input.py::test_overlength_is_counted_never_silent",)),
+    M("curve-not-trimmed-on-resume", "mllm_cl/curve.py", "trim(pl_module, trainer.global_step)", "pass",
+      (T + "test_curve.py",)),
 ]  # fmt: skip
 
 

@@ -19,7 +19,8 @@ Point names: ``step`` (start of every training batch), ``last_step`` (end of a t
 (a row's evaluation done, nothing written yet; the base row is the 1st), ``write.<file name>``
 (inside an atomic write of that file, e.g. ``write.results.json`` or ``write.last.ckpt``: the
 temporary file is complete, the rename has not happened), ``task_done`` (after the task-end
-checkpoint).
+checkpoint), ``curve`` / ``curve_written`` (before scoring an in-task curve point / after writing
+it; both come before that step's checkpoint).
 
 `writing(path)` turns a full disk (ENOSPC / EDQUOT, or torch's "file write failed") into a
 `DiskFullError` naming the file, which the CLI prints as one line.

@@ -250,9 +250,9 @@ class MLLMModule(L.LightningModule):
             strategy.on_task_start(self.context, task)
         self.task_started = task
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        if curve.due(self, self.hparams.eval_every_n_steps, batch_idx):
-            curve.evaluate_step(self)  # a point of the in-task learning curve (not a matrix row)
+    def configure_callbacks(self):
+        every = self.hparams.eval_every_n_steps  # in-task learning curves, scored before step checkpoints
+        return [curve.CurvePoints(every)] if every else []
 
     def on_train_epoch_end(self):
         task = self.current_epoch
