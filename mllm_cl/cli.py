@@ -85,6 +85,7 @@ class MllmCLI(LightningCLI):
         if not subcommand:
             return
         section = self.config[subcommand]
+        self._name_run(section)  # before `last` is looked up: under the run's name, not the default
         path = rundir.resolve_ckpt_path(section, subcommand)
         checkpoint = check_ckpt_file(path)
         if subcommand != "fit":
@@ -109,12 +110,16 @@ class MllmCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def before_instantiate_classes(self):
-        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        self._name_run(self.config.get(self.subcommand) if self.subcommand else self.config)
+
+    @staticmethod
+    def _name_run(config) -> None:
+        """A TensorBoard run not named by the user is named by its method (e.g. saproj+lwf)."""
         logger = config.get("trainer", {}).get("logger") if config else None
         if hasattr(logger, "get") and str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
             args = logger["init_args"]
             args["default_hp_metric"] = False  # the hparams get the real final measures instead
-            if args.get("name") == DEFAULT_RUN_NAME:  # not named by the user: name it by its method
+            if args.get("name") == DEFAULT_RUN_NAME:
                 args["name"] = method_name(namespace_to_dict(config.get("model")) or {})
 
     def before_fit(self):

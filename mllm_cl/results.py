@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 
@@ -51,6 +52,66 @@ def atomic_file(path: str, binary: bool = False):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+# ---- folders (FSDP2 distributed checkpoints) ---------------------------------------------------
+# A folder cannot be renamed over another, so a finished folder replaces the old one in two renames:
+# the old one aside, the new one in. `recover_folder` finishes or undoes a swap cut between them.
+def folder_names(path: str) -> tuple[str, str]:
+    """(partial, aside): hidden siblings of `path` for the folder being written and the old one."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.partial"), os.path.join(folder, f".{name}.aside")
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def swap_in_folder(path: str) -> None:
+    """Put the finished `folder_names(path)[0]` in place of `path` (a folder or file, if any)."""
+    partial, aside = folder_names(path)
+    _remove(aside)
+    if os.path.lexists(path):
+        os.rename(path, aside)
+    faults.point(f"swap.{os.path.basename(path)}", path)
+    os.rename(partial, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    _remove(aside)
+
+
+def recover_folder(path: str) -> None:
+    """After a kill: a swap cut between its renames is finished (its new folder was complete before
+    the first rename); a write that never reached the swap is discarded, keeping `path` as it was."""
+    partial, aside = folder_names(path)
+    if not os.path.lexists(path) and os.path.isdir(partial) and os.path.lexists(aside):
+        os.rename(partial, path)
+    _remove(partial)
+    if os.path.lexists(path):
+        _remove(aside)
+    elif os.path.lexists(aside):
+        os.rename(aside, path)
+
+
+def recover_folders(folder: str) -> None:
+    """`recover_folder` for every interrupted folder write in `folder`."""
+    if not os.path.isdir(folder):
+        return
+    for entry in os.listdir(folder):
+        for suffix in (".partial", ".aside"):
+            if entry.startswith(".") and entry.endswith(suffix):
+                recover_folder(os.path.join(folder, entry[1 : -len(suffix)]))
+
+
+def _fsync_dir(folder: str) -> None:
+    with contextlib.suppress(OSError):  # not every file system lets a directory be fsynced
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write(path: str, text: str) -> None:

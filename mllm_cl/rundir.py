@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from mllm_cl.checkpointing import check_ckpt_file
 from mllm_cl.errors import ConfigError
+from mllm_cl.results import recover_folders
 
 LOCK = ".fit.lock"
 _LOGGERS = ("TensorBoardLogger", "CSVLogger")
@@ -74,6 +75,8 @@ def _run_dir(args, version) -> str:
 
 
 def _last_in(folder: str) -> str | None:
+    if rank_zero_only.rank == 0:
+        recover_folders(folder)  # a distributed checkpoint's swap cut by a kill (mllm_cl.results)
     found = [p for p in glob.glob(os.path.join(glob.escape(folder), "last*.ckpt")) if os.path.exists(p)]
     return max(found, key=os.path.getmtime) if found else None
 

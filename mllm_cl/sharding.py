@@ -34,13 +34,17 @@ do not cut the gradient to trainable layers (transformers #23170; tested in test
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 from pathlib import Path
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
+from mllm_cl import faults
 from mllm_cl.errors import ConfigError
+from mllm_cl.results import folder_names, swap_in_folder
 
 
 def is_dtensor(t) -> bool:
@@ -182,6 +186,25 @@ class FSDP2(ModelParallelStrategy):
         if self._data_parallel_size == "auto":
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        """A distributed checkpoint is written whole or not at all: every rank writes its shard into
+        the hidden sibling `.<name>.partial`, then rank 0 swaps it in for the old folder
+        (`mllm_cl.results.swap_in_folder`). Killed while writing (minutes for a 7B model), the run
+        resumes from the previous checkpoint, intact, instead of a folder of mixed shards."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = str(self.broadcast(str(filepath)))
+        partial, _ = folder_names(path)
+        if self.global_rank == 0 and os.path.lexists(partial):
+            shutil.rmtree(partial)  # an earlier write that never finished
+        self.barrier("mllm_cl_checkpoint_start")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("mllm_cl_checkpoint_written")
+        faults.point(f"write.{os.path.basename(path)}", path)  # every rank: complete, not yet in place
+        if self.global_rank == 0:
+            swap_in_folder(path)
+        self.barrier("mllm_cl_checkpoint_swapped")
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
         """Resume from a distributed checkpoint that holds only the trainable weights.

@@ -76,3 +76,31 @@ def test_no_logger_parses(tmp_path):
     config = str(ROOT / "configs" / "tiny_llava_test.yaml")
     cli = MllmCLI(MLLMModule, TaskStream, args=["--config", config, "--trainer.logger=false"], run=False)
     assert cli.trainer.logger is None
+
+
+def test_ckpt_path_last_finds_a_run_named_by_its_method(tmp_path, capsys):
+    """A run whose TensorBoard logger is not named is named by its method (runs/saproj/...); `--ckpt_path
+    last` looks for the run under that name (it looked under the default name and found nothing)."""
+    import yaml
+
+    from tests.helpers import cli_config
+
+    synthetic = {
+        "class_path": "Synthetic",
+        "init_args": {"skill": "colour", "n": 4, "seed": 1, "image_size": 32},
+    }
+    model = {"family": "llava", "recipe": {"class_path": "SAProj"}, "max_new_tokens": 2}
+    data = {"batch_size": 2, "tasks": [{"name": "c", "train": synthetic, "eval": synthetic, "steps": 2}]}
+    config = cli_config(tmp_path, "unused", model, data)
+    del config["trainer"]["logger"]  # the default logger: runs named by method
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    args = ["fit", "--config", str(path), "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
+    main(args)
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["saproj"]
+    capsys.readouterr()
+    main([*args, "--ckpt_path", "last"])
+    out = capsys.readouterr().out
+    last = tmp_path / "runs" / "saproj" / "version_0" / "checkpoints" / "last.ckpt"
+    assert f"--ckpt_path last: resuming {last} (global step 2, rows ['base', 'c'])" in out
+    assert [p.name for p in (tmp_path / "runs" / "saproj").iterdir()] == ["version_0"]  # no new run

@@ -334,3 +334,48 @@ def test_fsdp2_resume_from_a_distributed_checkpoint_and_export_it(tmp_path):
     exported = dict(get_family("llava").model_class.from_pretrained(out).named_parameters())
     for key, value in got["weights"].items():
         assert torch.allclose(exported[key], value, atol=1e-6), key
+
+
+@pytest.mark.slow  # ~70 s alone
+def test_fsdp2_checkpoint_cut_while_written_keeps_the_previous_one(tmp_path):
+    """Disk full on every rank while task 2's "trained" checkpoint folder is written (the 3rd write of
+    last.ckpt; its shards are complete, not yet swapped in): last.ckpt stays the whole folder of the
+    write before, the unfinished one is dropped on resume, and the resumed run ends as one never stopped."""
+    import torch
+
+    fsdp2 = ["--config", str(ROOT / "configs" / "trainer_fsdp_multigpu.yaml")]
+    audit = ["--trainer.callbacks+=tests.test_multiprocess.WeightsAudit"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    run_cli(whole, *fsdp2, *audit, f"--trainer.callbacks.out={whole}")
+
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    base = [
+        sys.executable, "-m", "mllm_cl", "fit", "--config", str(CONFIG), *fsdp2, "--trainer.accelerator", "cpu",
+        "--trainer.devices", "2", "--trainer.precision", "32-true", "--trainer.default_root_dir", str(cut),
+        "--trainer.logger.init_args.save_dir", str(cut / "runs"),
+    ]  # fmt: skip
+    died = subprocess.run(base, cwd=ROOT, env={**env, "MLLM_CL_ENOSPC_AT": "write.last.ckpt:3"},
+                          capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert died.returncode != 0 and "disk full while writing" in died.stderr, died.stderr[-3000:]
+    (checkpoints,) = list((cut / "runs").glob("*/version_*/checkpoints"))
+    assert (checkpoints / ".last.ckpt.partial").is_dir()  # the cut write, complete but not in place
+    meta = torch.load(checkpoints / "last.ckpt" / "meta.pt", weights_only=True)
+    rows = meta["mllm_cl"]["results"]["matrix"]
+    assert meta["global_step"] == 5 and len(rows) == 2  # task 1's "done" folder: base and task-1 rows
+
+    resumed = subprocess.run([*base, *audit, f"--trainer.callbacks.out={cut}", "--ckpt_path", "last"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert sorted(os.listdir(checkpoints)) == ["last.ckpt"]
+    want = torch.load(whole / "weights.pt", weights_only=True)
+    got = torch.load(cut / "weights.pt", weights_only=True)
+    assert got["steps"] == want["steps"] == 10
+    for key, value in want["weights"].items():
+        assert torch.allclose(got["weights"][key], value, atol=1e-6), key
+    results = [
+        json.loads(next((d / "runs").glob("*/version_*/results.json")).read_text()) for d in (whole, cut)
+    ]
+    assert results[0]["matrix"] == results[1]["matrix"] and len(results[1]["matrix"]) == 3
