@@ -160,6 +160,12 @@ MUTATIONS: list[Mutation] = [
       (T + "test_bad_input.py::test_overlength_is_counted_never_silent",)),
     M("curve-not-trimmed-on-resume", "mllm_cl/curve.py", "trim(pl_module, trainer.global_step)", "pass",
       (T + "test_curve.py",)),
+    M("ckpt-last-looked-up-under-the-default-name", "mllm_cl/cli.py",
+      "self._name_run(section)  # before", "pass  # before",
+      (T + "test_cli.py::test_ckpt_path_last_finds_a_run_named_by_its_method",)),
+    M("folder-swap-cut-not-finished", "mllm_cl/results.py",
+      "if not os.path.lexists(path) and os.path.isdir(partial) and os.path.lexists(aside):",
+      "if False:", (T + "test_checkpoint_folders.py",)),
 ]  # fmt: skip
 
 
