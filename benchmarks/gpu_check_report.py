@@ -134,7 +134,7 @@ def _memory(summary):
     out += ["| family | precision / weights | checkpointing | measured peak GiB | plan GiB | plan / measured | "
             "allocated before the run GiB | plan command |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in runs:
-        planned = (r["plan"].get("memory") or {}).get("total")
+        planned = (r["plan"].get("memory") or {}).get("gpu_total")
         peak = r.get("peak_memory_bytes")
         out.append(f"| {r['family']} | {r['precision']} / {r['weights']} | {'on' if r['checkpointing'] else 'off'} | "
                    f"{_f(peak and peak / GIB, '{:.1f}')} | {_f(planned and planned / GIB, '{:.1f}')} | "

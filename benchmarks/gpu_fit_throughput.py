@@ -162,12 +162,12 @@ def kernel_summary(prof, wall_s: float, cuda: bool, top: int = 15) -> dict:
     }
 
 
-def plan_for(module, config_arg: str, batch: int, seq: int, checkpointing: bool) -> dict:
-    """`python -m mllm_cl plan` (its `main`, in process) for this setup: argv and the JSON it prints."""
-    fp32 = module.hparams.dtype == "float32"
+def plan_for(module, config_arg: str, batch: int, seq: int, checkpointing: bool, precision: str) -> dict:
+    """`python -m mllm_cl plan` (its `main`, in process) for this setup: argv and the JSON it prints.
+    The weights' dtype and the trainer's precision give plan the optimizer state's element size."""
     argv = ["--family", module.family.name, "--config", config_arg, "--recipe", type(module.recipe).__name__,
             "--gpus", "1", "--micro-batch", str(batch), "--seq-len", str(seq),
-            "--dtype", "float32" if fp32 else "bfloat16", "--optimizer-bytes", "8" if fp32 else "4"]  # fmt: skip
+            "--dtype", module.hparams.dtype, "--precision", precision]  # fmt: skip
     if not checkpointing:
         argv.append("--no-gradient-checkpointing")
     out = io.StringIO()
@@ -219,11 +219,11 @@ def one_run(args, checkpointing: bool) -> dict:
              device=torch.cuda.get_device_name() if cuda else "cpu", smoke=args.smoke,
              workers=stream.num_workers, gradient_clip_val=trainer_opts.get("gradient_clip_val"))  # fmt: skip
     r["plan"] = plan_for(
-        module, gt.shape_name(family, args.config), ids.shape[0], ids.shape[1], checkpointing
+        module, gt.shape_name(family, args.config), ids.shape[0], ids.shape[1], checkpointing, str(precision)
     )
     if cuda:
         r["peak_memory_bytes"], r["peak_reserved_bytes"] = measure.peak
-        planned = r["plan"]["memory"] and r["plan"]["memory"]["total"]
+        planned = r["plan"]["memory"] and r["plan"]["memory"]["gpu_total"]
         r["plan_over_measured"] = planned / r["peak_memory_bytes"] if planned else None
     if measure.prof is not None:
         r["profile"] = kernel_summary(measure.prof, measure.prof_wall, cuda)

@@ -143,4 +143,5 @@ def test_dry_run_parses_every_config_and_smoke_runs_every_check(tmp_path):
     assert [r["checkpointing"] for r in fit] == [False, True] and "profile" in fit[0]
     assert all(r["model_freed"] for r in fit)  # the second run's peak memory is its own
     assert fit[0]["plan"]["rc"] == 0 and "--no-gradient-checkpointing" in fit[0]["plan"]["command"]
+    assert all(r["plan"]["memory"]["gpu_total"] > 0 for r in fit)  # the figure gpu_check.md sets beside the peak
     assert sorted(os.listdir(tmp_path)) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]

@@ -188,7 +188,7 @@ def test_last_ckpt_holds_the_wise_ft_merge_of_the_trained_weights(reference_wise
     """θ = (1 − α)·θ_start + α·θ_end computed here from the last task's "trained" checkpoint (its
     end weights and WiSE-FT's start weights) is what the uninterrupted run's last.ckpt holds."""
     _, _, trained = kill_and_resume(tmp_path, "wiseft", "task_trained:2")
-    start = next(v for k, v in trained["callbacks"].items() if "WiSEFT" in k)["start"]
+    start = next(v for k, v in trained["callbacks"].items() if "WiSEFT" in k)["ref"]  # θ_ref: the task start
     final = load_last(reference_wiseft)["state_dict"]
     assert start and set(final) == {f"model.{n}" for n in start}
     for name, theta_start in start.items():
