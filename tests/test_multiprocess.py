@@ -285,37 +285,34 @@ def test_compile_under_fsdp2_trains_like_eager(tmp_path):
         assert torch.allclose(value, compiled["weights"][key], atol=1e-5, rtol=1e-4), key
 
 
-@pytest.mark.slow  # ~60 s alone
-def test_fsdp2_resume_from_a_distributed_checkpoint_and_export_it(tmp_path):
-    """Killed after task 1, resumed from the sharded checkpoint (trainable weights only): same final
-    weights and matrix as a run never stopped; `export` turns the checkpoint folder into HF weights."""
-    import torch
+FSDP2 = ["--config", str(ROOT / "configs" / "trainer_fsdp_multigpu.yaml")]
+WEIGHTS_AUDIT = "--trainer.callbacks+=tests.test_multiprocess.WeightsAudit"
 
-    from mllm_cl.families import get_family
 
-    fsdp2 = ["--config", str(ROOT / "configs" / "trainer_fsdp_multigpu.yaml")]
-    audit = ["--trainer.callbacks+=tests.test_multiprocess.WeightsAudit"]
+def fsdp2_whole_and_cut(tmp_path: Path) -> tuple[Path, Path, list[str], dict]:
+    """An uninterrupted 2-process FSDP2 run in tmp_path/whole (its weights audited), and the command
+    (and env) of the same run in tmp_path/cut, to be stopped and resumed by the test."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    whole = tmp_path / "whole"
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
     whole.mkdir()
-    run_cli(whole, *fsdp2, *audit, f"--trainer.callbacks.out={whole}")
-
-    cut = tmp_path / "cut"
     cut.mkdir()
+    run_cli(whole, *FSDP2, WEIGHTS_AUDIT, f"--trainer.callbacks.out={whole}")
     base = [
-        sys.executable, "-m", "mllm_cl", "fit", "--config", str(CONFIG), *fsdp2, "--trainer.accelerator", "cpu",
+        sys.executable, "-m", "mllm_cl", "fit", "--config", str(CONFIG), *FSDP2, "--trainer.accelerator", "cpu",
         "--trainer.devices", "2", "--trainer.precision", "32-true", "--trainer.default_root_dir", str(cut),
         "--trainer.logger.init_args.save_dir", str(cut / "runs"),
     ]  # fmt: skip
-    died = subprocess.run([*base, "--trainer.callbacks+=tests.test_multiprocess.Interrupt"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=400)  # fmt: skip
-    assert died.returncode != 0
-    (ckpt,) = list((cut / "runs").glob("*/version_*/checkpoints/last.ckpt"))
-    assert ckpt.is_dir() and (ckpt / "meta.pt").is_file()  # a distributed checkpoint: one shard per rank
-    resumed = subprocess.run([*base, *audit, f"--trainer.callbacks.out={cut}", "--ckpt_path", "last"],
+    return whole, cut, base, env
+
+
+def resume_equals_whole(whole: Path, cut: Path, base: list[str], env: dict) -> dict:
+    """Resume the cut run with --ckpt_path last; its final weights and matrix equal the whole run's.
+    Returns the resumed run's audited weights."""
+    import torch
+
+    resumed = subprocess.run([*base, WEIGHTS_AUDIT, f"--trainer.callbacks.out={cut}", "--ckpt_path", "last"],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-
     want = torch.load(whole / "weights.pt", weights_only=True)
     got = torch.load(cut / "weights.pt", weights_only=True)
     assert got["steps"] == want["steps"] == 10
@@ -325,6 +322,24 @@ def test_fsdp2_resume_from_a_distributed_checkpoint_and_export_it(tmp_path):
         json.loads(next((d / "runs").glob("*/version_*/results.json")).read_text()) for d in (whole, cut)
     ]
     assert results[0]["matrix"] == results[1]["matrix"] and len(results[1]["matrix"]) == 3
+    return got
+
+
+@pytest.mark.slow  # ~60 s alone
+def test_fsdp2_resume_from_a_distributed_checkpoint_and_export_it(tmp_path):
+    """Killed after task 1, resumed from the sharded checkpoint (trainable weights only): same final
+    weights and matrix as a run never stopped; `export` turns the checkpoint folder into HF weights."""
+    import torch
+
+    from mllm_cl.families import get_family
+
+    whole, cut, base, env = fsdp2_whole_and_cut(tmp_path)
+    died = subprocess.run([*base, "--trainer.callbacks+=tests.test_multiprocess.Interrupt"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert died.returncode != 0
+    (ckpt,) = list((cut / "runs").glob("*/version_*/checkpoints/last.ckpt"))
+    assert ckpt.is_dir() and (ckpt / "meta.pt").is_file()  # a distributed checkpoint: one shard per rank
+    got = resume_equals_whole(whole, cut, base, env)
 
     out = tmp_path / "hf"
     export = [sys.executable, "-m", "mllm_cl", "export", "--config", str(CONFIG), "--ckpt_path", str(ckpt),
@@ -343,20 +358,7 @@ def test_fsdp2_checkpoint_cut_while_written_keeps_the_previous_one(tmp_path):
     write before, the unfinished one is dropped on resume, and the resumed run ends as one never stopped."""
     import torch
 
-    fsdp2 = ["--config", str(ROOT / "configs" / "trainer_fsdp_multigpu.yaml")]
-    audit = ["--trainer.callbacks+=tests.test_multiprocess.WeightsAudit"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    whole = tmp_path / "whole"
-    whole.mkdir()
-    run_cli(whole, *fsdp2, *audit, f"--trainer.callbacks.out={whole}")
-
-    cut = tmp_path / "cut"
-    cut.mkdir()
-    base = [
-        sys.executable, "-m", "mllm_cl", "fit", "--config", str(CONFIG), *fsdp2, "--trainer.accelerator", "cpu",
-        "--trainer.devices", "2", "--trainer.precision", "32-true", "--trainer.default_root_dir", str(cut),
-        "--trainer.logger.init_args.save_dir", str(cut / "runs"),
-    ]  # fmt: skip
+    whole, cut, base, env = fsdp2_whole_and_cut(tmp_path)
     died = subprocess.run(base, cwd=ROOT, env={**env, "MLLM_CL_ENOSPC_AT": "write.last.ckpt:3"},
                           capture_output=True, text=True, timeout=400)  # fmt: skip
     assert died.returncode != 0 and "disk full while writing" in died.stderr, died.stderr[-3000:]
@@ -365,17 +367,5 @@ def test_fsdp2_checkpoint_cut_while_written_keeps_the_previous_one(tmp_path):
     meta = torch.load(checkpoints / "last.ckpt" / "meta.pt", weights_only=True)
     rows = meta["mllm_cl"]["results"]["matrix"]
     assert meta["global_step"] == 5 and len(rows) == 2  # task 1's "done" folder: base and task-1 rows
-
-    resumed = subprocess.run([*base, *audit, f"--trainer.callbacks.out={cut}", "--ckpt_path", "last"],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    resume_equals_whole(whole, cut, base, env)
     assert sorted(os.listdir(checkpoints)) == ["last.ckpt"]
-    want = torch.load(whole / "weights.pt", weights_only=True)
-    got = torch.load(cut / "weights.pt", weights_only=True)
-    assert got["steps"] == want["steps"] == 10
-    for key, value in want["weights"].items():
-        assert torch.allclose(got["weights"][key], value, atol=1e-6), key
-    results = [
-        json.loads(next((d / "runs").glob("*/version_*/results.json")).read_text()) for d in (whole, cut)
-    ]
-    assert results[0]["matrix"] == results[1]["matrix"] and len(results[1]["matrix"]) == 3
