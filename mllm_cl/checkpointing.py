@@ -72,6 +72,22 @@ class TaskCheckpoint(ModelCheckpoint):
             return  # the "trained" checkpoint follows at once (state 2); see the module doc
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
+    def _save_checkpoint(self, trainer, filepath) -> None:
+        """Lightning's save, then rank 0's full disk raised on every rank: only rank 0 writes a
+        single-file checkpoint, and an error raised there before the save's barrier would leave the
+        other ranks waiting in it."""
+        io = trainer.strategy.checkpoint_io
+        deferring = isinstance(io, AtomicCheckpointIO)
+        if deferring:
+            io.deferred = []
+        try:
+            super()._save_checkpoint(trainer, filepath)
+        finally:
+            errors = io.deferred if deferring else []
+            if deferring:
+                io.deferred = None
+        faults.raise_on_every_rank(trainer, errors[0] if errors else None)
+
     def _skip(self, trainer) -> bool:
         return bool(trainer.fast_dev_run) or trainer.state.fn != "fit" or trainer.sanity_checking
 
@@ -162,12 +178,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     another file system, so a kill during the copy leaves a truncated ``last.ckpt``.)
     """
 
+    deferred: list | None = None  # set by TaskCheckpoint: a full disk is raised after Lightning's barrier
+
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = str(path)
         if "://" in path:
             return super().save_checkpoint(checkpoint, path, storage_options)
-        with atomic_file(path, binary=True) as fh:
-            torch.save(checkpoint, fh)
+        try:
+            with atomic_file(path, binary=True) as fh:
+                torch.save(checkpoint, fh)
+        except faults.DiskFullError as err:
+            if self.deferred is None:
+                raise
+            self.deferred.append(err)
 
 
 # ---- RNG -------------------------------------------------------------------------------------

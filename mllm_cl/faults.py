@@ -96,3 +96,16 @@ def writing(path: str):
             f"disk full while writing {path} (No space left on device); the files written before are "
             "intact: free some space, then continue with --ckpt_path last",
         ) from err
+
+
+def raise_on_every_rank(trainer, error: BaseException | None) -> None:
+    """Raise rank 0's `error` (a full disk while it alone wrote a file) on every rank, so that the
+    other ranks stop with its one line instead of waiting at their next collective until a timeout.
+    A collective under several processes: every rank calls it, with None where nothing failed."""
+    text = str(error) if error is not None else None
+    if trainer is not None and trainer.world_size > 1:
+        text = trainer.strategy.broadcast(text, src=0)
+    if error is not None:
+        raise error
+    if text:
+        raise DiskFullError(text)

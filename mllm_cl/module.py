@@ -274,15 +274,20 @@ class MLLMModule(L.LightningModule):
         accuracies = {name: r.value for name, r in results.items()}
         self.results.add_row(label, accuracies, {n: r.parts for n, r in results.items() if r.parts})
         row = len(self.results.rows) - 1
-        self._write_predictions(f"{row}_{label}", results)
-        if self.tensorboard is not None and self.global_rank_zero():
-            board.log_row(self.tensorboard, self.results, results, self.run_name)
-            if row == len(self.stream.tasks):
-                board.log_final(self.tensorboard, self, self.results)
-        if self.global_rank_zero():
-            print(f"[mllm_cl] after {label}: " + ", ".join(f"{k}={v:.3f}" for k, v in accuracies.items()))
-            if self.run_dir:
-                self.results.write(self.run_dir)
+        error = None
+        try:  # rank 0 writes; its full disk must stop every rank, not leave them waiting
+            self._write_predictions(f"{row}_{label}", results)
+            if self.tensorboard is not None and self.global_rank_zero():
+                board.log_row(self.tensorboard, self.results, results, self.run_name)
+                if row == len(self.stream.tasks):
+                    board.log_final(self.tensorboard, self, self.results)
+            if self.global_rank_zero():
+                print(f"[mllm_cl] after {label}: " + ", ".join(f"{k}={v:.3f}" for k, v in accuracies.items()))
+                if self.run_dir:
+                    self.results.write(self.run_dir)
+        except faults.DiskFullError as err:
+            error = err
+        faults.raise_on_every_rank(self._trainer, error)
 
     def _write_predictions(self, row: str, results: dict) -> None:
         """`predictions/<row>/<set>.jsonl` in the run directory (every rank's samples, rank 0 writes)."""

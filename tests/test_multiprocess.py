@@ -369,3 +369,27 @@ def test_fsdp2_checkpoint_cut_while_written_keeps_the_previous_one(tmp_path):
     assert meta["global_step"] == 5 and len(rows) == 2  # task 1's "done" folder: base and task-1 rows
     resume_equals_whole(whole, cut, base, env)
     assert sorted(os.listdir(checkpoints)) == ["last.ckpt"]
+
+
+@pytest.mark.slow  # ~30 s per case alone
+@pytest.mark.parametrize("point", ["write.last.ckpt:2", "write.results.json:2"])
+def test_ddp_a_full_disk_on_rank_0_stops_every_rank(tmp_path, point):
+    """Only rank 0 writes the single-file checkpoint and the results: a full disk there stops both
+    processes with the same one-line error. Before, rank 1 was left in the save's barrier or its next
+    collective: on gloo it died with a "Connection closed by peer" traceback once rank 0 had exited
+    (NCCL would wait for its timeout). The files written before stay intact."""
+    args = [
+        sys.executable, "-m", "mllm_cl", "fit", "--config", str(CONFIG), "--trainer.accelerator", "cpu",
+        "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.precision", "32-true",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MLLM_CL_ENOSPC_AT": point}
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("error: disk full while writing")]
+    assert proc.returncode == 2 and len(lines) == 2 and lines[0] == lines[1], proc.stderr[
+        -3000:
+    ]  # both ranks
+    assert "Traceback" not in proc.stderr and point.split(":")[0].removeprefix("write.") in lines[0]
+    (run,) = list((tmp_path / "runs").glob("*/version_*"))
+    results = json.loads((run / "results.json").read_text())  # the first write, whole
+    assert results["row_labels"][0] == "base"
