@@ -12,6 +12,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from mllm_cl.cli import main
 from mllm_cl.results import method_name
+from tests.helpers import cli_config
 
 
 def _synthetic(skill: str, n: int, seed: int) -> dict:
@@ -21,19 +22,7 @@ def _synthetic(skill: str, n: int, seed: int) -> dict:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("board")
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "log_every_n_steps": 1,
-            "logger": {  # the CLI's default run name: derived from the method
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(out / "runs"), "name": "mllm_cl"},
-            },
-        },
+    model_data = {
         "model": {
             "family": "llava",
             "tiny": "tiny",
@@ -63,6 +52,8 @@ def run(tmp_path_factory):
             "heldout": [{"name": "shape", "data": _synthetic("shape", 10, 5)}],
         },
     }
+    # "mllm_cl" is the CLI's default run name: the run is then named by its method.
+    config = cli_config(out / "runs", "mllm_cl", **model_data, log_every_n_steps=1)
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     main(["fit", "--config", str(path)])
