@@ -48,9 +48,7 @@ class TaskData:
     def task_samples(self, task: int) -> int:
         """Samples task `task` consumes over all ranks: optimizer steps × accumulation × batch × world
         (the stream's trainer when attached, else one process without accumulation)."""
-        stream, trainer = self._stream, self._stream.trainer
-        world, accumulate = (trainer.world_size, trainer.accumulate_grad_batches) if trainer else (1, 1)
-        return stream.steps_for(task) * accumulate * stream.batch_size * world
+        return self._stream.samples_for(task)
 
     def cached(self, table: Sequence[dict], name: str) -> Sequence[dict]:
         """`table` through the stream's processed-data cache (tokenised once, reused by later runs);

@@ -334,9 +334,16 @@ class TaskStream(L.LightningDataModule):
         task = self.tasks[task_index]
         if task.steps is not None:
             return task.steps
+        return max(1, int(len(self._train[task_index]) * task.epochs) // self._samples_per_step())
+
+    def samples_for(self, task_index: int) -> int:
+        """Samples a task consumes over all ranks (what a data-hybrid mix or replay must supply)."""
+        return self.steps_for(task_index) * self._samples_per_step()
+
+    def _samples_per_step(self) -> int:
+        """Samples per optimizer step over all ranks (the trainer's when attached, else one process)."""
         world = self.trainer.world_size if self.trainer else 1
-        per_step = self.batch_size * world * self._accumulate()
-        return max(1, int(len(self._train[task_index]) * task.epochs) // per_step)
+        return self.batch_size * world * self._accumulate()
 
     def _accumulate(self) -> int:
         return self.trainer.accumulate_grad_batches if self.trainer else 1
