@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -44,7 +43,7 @@ from torch import nn
 
 from mllm_cl import faults
 from mllm_cl.errors import ConfigError
-from mllm_cl.results import folder_names, swap_in_folder
+from mllm_cl.results import folder_names, recover_folder, swap_in_folder
 
 
 def is_dtensor(t) -> bool:
@@ -196,8 +195,8 @@ class FSDP2(ModelParallelStrategy):
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         path = str(self.broadcast(str(filepath)))
         partial, _ = folder_names(path)
-        if self.global_rank == 0 and os.path.lexists(partial):
-            shutil.rmtree(partial)  # an earlier write that never finished
+        if self.global_rank == 0:
+            recover_folder(path)  # a write or swap of this path that a kill cut short
         self.barrier("mllm_cl_checkpoint_start")
         super().save_checkpoint(checkpoint, partial, storage_options)
         self.barrier("mllm_cl_checkpoint_written")
