@@ -77,15 +77,13 @@ class TaskCheckpoint(ModelCheckpoint):
         single-file checkpoint, and an error raised there before the save's barrier would leave the
         other ranks waiting in it."""
         io = trainer.strategy.checkpoint_io
-        deferring = isinstance(io, AtomicCheckpointIO)
-        if deferring:
-            io.deferred = []
+        if not isinstance(io, AtomicCheckpointIO):  # a CheckpointIO of the user's: its errors stay its own
+            return super()._save_checkpoint(trainer, filepath)
+        io.deferred = []
         try:
             super()._save_checkpoint(trainer, filepath)
         finally:
-            errors = io.deferred if deferring else []
-            if deferring:
-                io.deferred = None
+            errors, io.deferred = io.deferred, None
         faults.raise_on_every_rank(trainer, errors[0] if errors else None)
 
     def _skip(self, trainer) -> bool:

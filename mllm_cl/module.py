@@ -382,8 +382,6 @@ class MLLMModule(L.LightningModule):
             self.results = StreamResults.from_dict(state["results"])
         self.task_started = state.get("task_started", -1)
         checkpointing.restore_progress(self, state)  # task_trained: is a task end pending?
-        self.counters.load_state_dict(
-            state.get("counters", state.get("length_counts"))
-        )  # older: length_counts
+        self.counters.load_state_dict(state.get("counters") or state.get("length_counts"))  # or older
         for strategy, s_state in zip(self.all_strategies, state.get("strategies", []), strict=False):
             strategy.load_state_dict(s_state)
