@@ -85,7 +85,6 @@ class WiSEFT(Strategy, Callback):
         self.record_pre_merge = record_pre_merge
         self.ref: dict[str, torch.Tensor] = {}  # θ_ref of the current task
         self.started, self.merged = -1, -1  # last task whose start was stored / whose end was merged
-        self.chosen: list[float] = []  # α kept after each task
         self.records: list[dict] = []  # per task: α scores and the pre-merge evaluation
 
     # ---- Strategy hooks -----------------------------------------------------------------------
@@ -116,10 +115,14 @@ class WiSEFT(Strategy, Callback):
             best, record["scores"] = self.search(ctx, params, end, task, record.get("pre_merge"))
         merge_(params, self.ref, end, best)
         record["alpha"] = best
-        self.chosen.append(best)
         self.records.append(record)
         self.merged = task
         self.publish(ctx, record)
+
+    @property
+    def chosen(self) -> list[float]:
+        """The α kept after each task so far."""
+        return [record["alpha"] for record in self.records]
 
     # ---- choosing α ---------------------------------------------------------------------------
     def keys(self, ctx) -> list[str]:
@@ -166,12 +169,10 @@ class WiSEFT(Strategy, Callback):
             "ref": self.ref,
             "started": self.started,
             "merged": self.merged,
-            "chosen": self.chosen,
             "records": json.dumps(self.records),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.ref = dict(state.get("ref", state.get("start", {})))
         self.started, self.merged = state.get("started", -1), state.get("merged", -1)
-        self.chosen = list(state.get("chosen", []))
         self.records = json.loads(state.get("records", "[]"))
